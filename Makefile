@@ -1,0 +1,42 @@
+# The two commands of the README:  `make demo` (set up + run the main job)  and  `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# DeepSpeed JIT-builds ops on first use: keep them in a persistent cache so only the first run pays.
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/ppd/torch_extensions
+# Nothing in this project downloads a model: make any accidental hub access fail loudly.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: setup demo test test-fast lint format clean
+
+$(VENV)/.installed: pyproject.toml
+	@echo "== setting up $(VENV) (first time: a few minutes)"
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[cpu,dev]"
+	@touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/ppd demo
+
+test: setup
+	$(BIN)/python -m pytest tests
+
+test-fast: setup
+	$(BIN)/python -m pytest tests -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check ppd ray_jobs serve tests
+	$(BIN)/ruff format --check ppd ray_jobs serve tests
+
+format: setup
+	$(BIN)/ruff check --fix ppd ray_jobs serve tests
+	$(BIN)/ruff format ppd ray_jobs serve tests
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

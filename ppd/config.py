@@ -1,0 +1,321 @@
+"""One typed config tree for every job, with named presets.
+
+Presets are plain functions returning a validated `PPDConfig`; variants are derived with `model_copy(update=...)`
+or dotted overrides (`train.lr=1e-4`). YAML/JSON is only a serialisation (job arguments, MLflow params).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ATTRIBUTES: tuple[str, ...] = ("brightness", "saturation", "centredness", "warmth", "size")
+
+
+class _Section(BaseModel):
+    # Unknown keys are mistakes (a typo in an override must not silently do nothing).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ToyWorldConfig(_Section):
+    """Procedural preference data with synthetic users whose rewards are known (the embedded default)."""
+
+    image_size: int = Field(16, ge=8, le=256, description="side of the square RGB images in pixels")
+    one_reward_pairs_per_user: int = Field(400, ge=8, description="pairs labelled by each one-reward user")
+    population_users: int = Field(240, ge=2, description="users with random mixed reward weights")
+    population_pairs_per_user: int = Field(64, ge=4, description="pairs labelled by each population user")
+    bt_temperature: float = Field(4.0, gt=0, description="Bradley-Terry rationality: p(A>B) = sigmoid(temp * (rA - rB))")
+    tie_margin: float = Field(0.02, ge=0, description="|rA - rB| below this (in reward std units) is labelled a tie")
+    identical_pair_rate: float = Field(0.01, ge=0, le=0.5, description="share of pairs showing the same image twice")
+    rows_per_file: int = Field(4096, ge=16, description="rows per parquet shard written under pairs/")
+
+
+class DataConfig(_Section):
+    """Preparation of Pick-a-Pic v2-schema preference data into splits and few-shot groups."""
+
+    shots: int = Field(4, ge=1, le=16, description="pairs per few-shot group (paper: N = 4)")
+    seed: int = Field(0, description="seed of every split and group assignment")
+    validation_caption_fraction: float = Field(0.1, ge=0, lt=1, description="captions held out for validation")
+    test_caption_fraction: float = Field(0.25, ge=0, lt=1, description="captions held out for test_seen/test_unseen")
+    test_unseen_user_fraction: float = Field(0.2, ge=0, lt=1, description="users held out entirely (test_unseen)")
+    check_images: bool = Field(True, description="decode every image during preparation (undecodable rows are rejected)")
+    concurrency: int = Field(2, ge=1, description="Ray Data tasks that read/validate shards in parallel")
+    toy: ToyWorldConfig = Field(default_factory=ToyWorldConfig)
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_captions(self) -> DataConfig:
+        if self.validation_caption_fraction + self.test_caption_fraction >= 1:
+            raise ValueError("validation_caption_fraction + test_caption_fraction must be < 1 (no training captions left)")
+        return self
+
+
+class ModelConfig(_Section):
+    """Stage C base model and the decoupled user adapter."""
+
+    architecture: Literal["tiny", "stage_c_lite", "stage_c"] = Field(
+        "tiny", description="Stage C architecture: a tiny local one for CPU, or the real lite (1B) / full (3.6B) prior"
+    )
+    stage_c_path: str | None = Field(
+        None, description="local path (or hub id on clusters) of pretrained Stage C weights; None = build locally"
+    )
+    cache_dir: str = Field(".cache/ppd/models", description="where locally built tiny models are saved and reloaded")
+    user_tokens: int = Field(4, ge=1, le=64, description="user tokens T_u the embedding is projected to (>= 4 advised)")
+    user_scale: float = Field(1.0, ge=0, description="scale s of the user branch at inference (0 = base model)")
+    adapter_init: Literal["zero_value", "copy_text_kv"] = Field(
+        "zero_value", description="init of W'_k, W'_v: zero value projection (starts equal to base) or copy of text K/V"
+    )
+    latent_size: int = Field(8, ge=1, description="Stage C latent side (24 for 1024 px on the real model)")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    decoder_path: str | None = Field(
+        None,
+        description="Stage B + Stage A weights (subfolders decoder/ and vqgan/) that decode real Stage C latents; "
+        "None = stabilityai/stable-cascade for the real architectures (the tiny one decodes with the toy codec)",
+    )
+
+
+class EmbedConfig(_Section):
+    """Stage 1: users' few-shot groups -> user embeddings."""
+
+    embedder: Literal["vlm-hf", "vlm-vllm", "pairdiff"] = "pairdiff"
+    vlm_path: str | None = Field(None, description="LLaVA-OneVision checkpoint path; None = locally built tiny model")
+    layers: Literal["last", "all"] | list[int] = Field("last", description="hidden-state layers kept in the embedding")
+    temperature: float = Field(0.7, ge=0, description="sampling temperature of the profile (0 = greedy)")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(256, ge=1)
+    batch_size: int = Field(8, ge=1)
+    concurrency: int = Field(1, ge=1, description="actors in the Ray Data pool")
+    gpus_per_actor: float = Field(0.0, ge=0)
+
+
+class TrainConfig(_Section):
+    """Stage 2: user-conditioned Diffusion-DPO fine-tuning of the adapter."""
+
+    method: Literal["ppd", "dpo", "sft"] = "ppd"
+    lr: float = Field(1e-5, gt=0, description="AdamW learning rate (paper: 1e-5 synthetic users, 3e-6 real users)")
+    weight_decay: float = Field(0.0, ge=0)
+    beta: float = Field(2.0, gt=0, description="DPO beta; beta * timesteps plays the role of Diffusion-DPO's beta_dpo")
+    timesteps: int = Field(1000, ge=1, description="T in -log sigmoid(-beta * T * w * delta)")
+    user_dropout: float = Field(0.1, ge=0, le=1, description="probability a pair's user embedding is zeroed")
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    micro_batch: int = Field(16, ge=1, description="pairs per worker per forward")
+    effective_batch: int = Field(768, ge=1, description="pairs per optimiser step over all workers")
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps (overrides epochs)")
+    zero_stage: Literal[1, 2, 3] = 2
+    precision: Literal["fp32", "bf16"] = "fp32"
+    checkpoint_every: int = Field(100, ge=1, description="optimiser steps between checkpoints")
+    max_failures: int = Field(2, ge=0)
+    seed: int = 0
+
+    @property
+    def grad_accumulation(self) -> int:
+        """Accumulation steps so that workers x micro-batch x accumulation = effective batch."""
+        return self.effective_batch // (self.num_workers * self.micro_batch)
+
+    @model_validator(mode="after")
+    def _effective_batch_divides(self) -> TrainConfig:
+        per_step = self.num_workers * self.micro_batch
+        if self.effective_batch % per_step:
+            raise ValueError(
+                f"effective_batch={self.effective_batch} is not a multiple of num_workers x micro_batch = {per_step}"
+            )
+        if self.precision == "bf16" and not self.use_gpu:
+            raise ValueError("precision=bf16 needs use_gpu=true (CPU training runs in fp32)")
+        return self
+
+
+class EvalConfig(_Section):
+    """Evaluation: generation, rewards, win rates, judge."""
+
+    captions: int = Field(16, ge=1, description="evaluation captions per user")
+    seeds_per_caption: int = Field(2, ge=1)
+    inference_steps: int = Field(30, ge=1, description="sampler steps (paper: 30)")
+    guidance: float = Field(4.0, ge=0, description="classifier-free guidance scale on text")
+    bootstrap_samples: int = Field(1000, ge=100)
+    judge: Literal["oracle", "openai"] = "oracle"
+    judge_base_url: str | None = None
+    judge_model: str | None = None
+
+
+class ServeConfig(_Section):
+    """Ray Serve application."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.05, ge=0)
+    auth_token_env: str = Field("PPD_API_TOKEN", description="env var holding the bearer token")
+
+
+class TrackingConfig(_Section):
+    """MLflow tracking."""
+
+    uri: str | None = Field(None, description="MLflow tracking URI; None = start a local server on loopback")
+    experiment: str = "ppd"
+
+
+class PPDConfig(_Section):
+    """The whole configuration of a PPD run."""
+
+    preset: str = "custom"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    # --- serialisation -------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> PPDConfig:
+        return cls.model_validate(raw)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> PPDConfig:
+        """Load a YAML or JSON file written by `to_yaml` / `to_json`."""
+        text = Path(path).read_text()
+        raw = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        return cls.from_dict(raw)
+
+    def flatten(self) -> dict[str, str]:
+        """Dotted key -> string value, e.g. for MLflow params."""
+        return {key: json.dumps(value) if isinstance(value, list) else str(value) for key, value in _flatten(self.to_dict())}
+
+    def with_overrides(self, overrides: Iterable[str]) -> PPDConfig:
+        """Apply `section.field=value` overrides (values parsed as YAML scalars) and re-validate."""
+        raw = self.to_dict()
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not of the form section.field=value")
+            dotted, value_text = item.split("=", 1)
+            node = raw
+            *parents, leaf = dotted.strip().split(".")
+            for part in parents:
+                if not isinstance(node.get(part), dict):
+                    raise ConfigError(f"override {dotted!r}: no config section {part!r}")
+                node = node[part]
+            if leaf not in node:
+                raise ConfigError(f"override {dotted!r}: unknown field {leaf!r} (known: {', '.join(sorted(node))})")
+            node[leaf] = yaml.safe_load(value_text)
+        try:
+            return PPDConfig.from_dict(raw)
+        except ValidationError as err:
+            raise ConfigError(_explain(err)) from None
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake (bad preset, override or file)."""
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _flatten(value, dotted + ".")
+        else:
+            yield dotted, value
+
+
+def _explain(err: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in err.errors())
+
+
+# --- presets ---------------------------------------------------------------------------------------------------------
+
+
+def tiny_cpu() -> PPDConfig:
+    """The embedded default: toy world, tiny models, local Ray on a 2-core CPU box."""
+    return PPDConfig(
+        preset="tiny_cpu",
+        data=DataConfig(),
+        model=ModelConfig(architecture="tiny", latent_size=8),
+        embed=EmbedConfig(embedder="pairdiff", max_new_tokens=48, batch_size=8),
+        train=TrainConfig(
+            lr=5e-4, beta=2.0, num_workers=1, micro_batch=32, effective_batch=32, max_steps=600, checkpoint_every=200
+        ),
+        eval=EvalConfig(inference_steps=20),
+    )
+
+
+def smoke() -> PPDConfig:
+    """A minutes-long reduction of `tiny_cpu` for tests: few users, few pairs, few steps."""
+    return tiny_cpu().with_overrides(
+        [
+            "preset=smoke",
+            "data.toy.one_reward_pairs_per_user=40",
+            "data.toy.population_users=24",
+            "data.toy.population_pairs_per_user=32",
+            "train.micro_batch=8",
+            "train.effective_batch=8",
+            "train.max_steps=10",
+            "eval.captions=2",
+            "eval.seeds_per_caption=1",
+            "eval.inference_steps=4",
+        ]
+    )
+
+
+def stage_c_lite_h100x8() -> PPDConfig:
+    """Paper setting: Stable Cascade lite Stage C, 8 x H100, micro-batch 16, effective batch 768, bf16, ZeRO-2."""
+    return PPDConfig(
+        preset="stage_c_lite_h100x8",
+        data=DataConfig(check_images=True, concurrency=32),
+        model=ModelConfig(
+            architecture="stage_c_lite", stage_c_path="stabilityai/stable-cascade-prior", latent_size=24, dtype="bfloat16"
+        ),
+        embed=EmbedConfig(
+            embedder="vlm-vllm",
+            vlm_path="lmms-lab/llava-onevision-qwen2-7b-ov-chat",
+            layers="all",
+            max_new_tokens=1024,
+            batch_size=32,
+            concurrency=8,
+            gpus_per_actor=1.0,
+        ),
+        train=TrainConfig(
+            lr=3e-6, num_workers=8, use_gpu=True, micro_batch=16, effective_batch=768, epochs=1.0, precision="bf16"
+        ),
+        tracking=TrackingConfig(uri="http://mlflow.ppd.svc.cluster.local:5000"),
+    )
+
+
+def stage_c_h100x8() -> PPDConfig:
+    """The full 3.6B Stage C on 8 x H100 (same recipe as the lite preset)."""
+    return stage_c_lite_h100x8().with_overrides(["preset=stage_c_h100x8", "model.architecture=stage_c"])
+
+
+PRESETS: dict[str, Callable[[], PPDConfig]] = {
+    "tiny_cpu": tiny_cpu,
+    "smoke": smoke,
+    "stage_c_lite_h100x8": stage_c_lite_h100x8,
+    "stage_c_h100x8": stage_c_h100x8,
+}
+
+
+def load_config(preset: str = "tiny_cpu", overrides: Iterable[str] = (), config_file: str | Path | None = None) -> PPDConfig:
+    """Build a config from a named preset (or a file), then apply dotted overrides."""
+    if config_file is not None:
+        cfg = PPDConfig.from_file(config_file)
+    elif preset in PRESETS:
+        cfg = PRESETS[preset]()
+    else:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    return cfg.with_overrides(overrides)

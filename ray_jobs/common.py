@@ -1,0 +1,66 @@
+"""What every job entry point shares: config from arguments, Ray start-up, user-facing errors, progress lines."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+from ppd.config import PRESETS, ConfigError, PPDConfig, load_config
+
+
+class JobError(RuntimeError):
+    """A problem the user can fix (bad input, bad config): printed as one line, never as a traceback."""
+
+
+_START = time.monotonic()
+
+
+def log(message: str) -> None:
+    """A progress line on stderr with the seconds since start."""
+    print(f"[ppd {time.monotonic() - _START:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def job_arg_parser(description: str) -> argparse.ArgumentParser:
+    """Arguments every job takes: a preset or a config file, plus dotted overrides."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--preset", default="tiny_cpu", help=f"named config preset ({', '.join(PRESETS)})")
+    parser.add_argument("--config", default=None, help="a YAML/JSON config file (instead of --preset)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a config field"
+    )
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> PPDConfig:
+    """The validated config named by --preset/--config and --set; a ConfigError becomes a JobError."""
+    try:
+        return load_config(args.preset, args.overrides, args.config)
+    except (ConfigError, OSError) as err:
+        raise JobError(str(err)) from None
+
+
+def init_ray() -> None:
+    """Connect to the cluster this job was submitted to (RAY_ADDRESS), or start a local Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        if address:  # submitted with `ray job submit`, or pointed at a running head
+            ray.init(address=address, logging_level="WARNING")
+        else:
+            ray.init(include_dashboard=False, logging_level="WARNING")
+    quiet_ray_data_console()
+
+
+def quiet_ray_data_console() -> None:
+    """Keep Ray Data's per-dataset INFO chatter in its log files, off the console: our `log` lines show progress."""
+    import ray.data
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
+    # Ray Data's bars redraw in place: useful in a terminal, noise in logs.
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()

@@ -1,0 +1,52 @@
+import json
+
+import pytest
+import yaml
+
+from ppd.config import PRESETS, ConfigError, PPDConfig, load_config
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_validates_and_round_trips(name):
+    cfg = PRESETS[name]()
+    assert cfg.preset == name
+    assert PPDConfig.from_dict(yaml.safe_load(cfg.to_yaml())) == cfg
+    assert PPDConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    # workers x micro-batch x accumulation must give back the effective batch exactly
+    t = cfg.train
+    assert t.num_workers * t.micro_batch * t.grad_accumulation == t.effective_batch
+
+
+def test_paper_preset_matches_paper_setting():
+    t = load_config("stage_c_lite_h100x8").train
+    assert (t.num_workers, t.micro_batch, t.effective_batch, t.grad_accumulation) == (8, 16, 768, 6)
+    assert t.precision == "bf16" and t.zero_stage == 2
+
+
+def test_file_round_trip(tmp_path):
+    cfg = load_config("tiny_cpu", ["train.lr=3e-4"])
+    path = tmp_path / "cfg.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(config_file=path).train.lr == 3e-4
+
+
+def test_overrides_are_typed_and_validated():
+    cfg = load_config("tiny_cpu", ["train.lr=3e-4", "embed.layers=[0, 2]", "data.seed=7"])
+    assert cfg.train.lr == 3e-4 and cfg.embed.layers == [0, 2] and cfg.data.seed == 7
+    with pytest.raises(ConfigError, match="unknown field 'lrr'"):
+        load_config("tiny_cpu", ["train.lrr=1"])
+    with pytest.raises(ConfigError, match="no config section"):
+        load_config("tiny_cpu", ["trian.lr=1"])
+    with pytest.raises(ConfigError, match="not a multiple"):
+        load_config("tiny_cpu", ["train.micro_batch=7"])
+    with pytest.raises(ConfigError, match="greater than 0"):
+        load_config("tiny_cpu", ["train.lr=-1"])
+    with pytest.raises(ConfigError, match="unknown preset"):
+        load_config("nope")
+
+
+def test_flatten_gives_dotted_string_params():
+    flat = load_config("tiny_cpu").flatten()
+    assert flat["train.lr"] == "0.0005"
+    assert flat["data.toy.image_size"] == "16"
+    assert all(isinstance(v, str) for v in flat.values())
