@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 ATTRIBUTES: tuple[str, ...] = ("brightness", "saturation", "centredness", "warmth", "size")
 
@@ -29,7 +29,9 @@ class ToyWorldConfig(_Section):
     one_reward_pairs_per_user: int = Field(400, ge=8, description="pairs labelled by each one-reward user")
     population_users: int = Field(240, ge=2, description="users with random mixed reward weights")
     population_pairs_per_user: int = Field(64, ge=4, description="pairs labelled by each population user")
-    bt_temperature: float = Field(4.0, gt=0, description="Bradley-Terry rationality: p(A>B) = sigmoid(temp * (rA - rB))")
+    bt_temperature: float = Field(
+        4.0, gt=0, description="Bradley-Terry rationality: p(A>B) = sigmoid(temp * (rA - rB))"
+    )
     tie_margin: float = Field(0.02, ge=0, description="|rA - rB| below this (in reward std units) is labelled a tie")
     identical_pair_rate: float = Field(0.01, ge=0, le=0.5, description="share of pairs showing the same image twice")
     rows_per_file: int = Field(4096, ge=16, description="rows per parquet shard written under pairs/")
@@ -43,14 +45,18 @@ class DataConfig(_Section):
     validation_caption_fraction: float = Field(0.1, ge=0, lt=1, description="captions held out for validation")
     test_caption_fraction: float = Field(0.25, ge=0, lt=1, description="captions held out for test_seen/test_unseen")
     test_unseen_user_fraction: float = Field(0.2, ge=0, lt=1, description="users held out entirely (test_unseen)")
-    check_images: bool = Field(True, description="decode every image during preparation (undecodable rows are rejected)")
+    check_images: bool = Field(
+        True, description="decode every image during preparation (undecodable rows are rejected)"
+    )
     concurrency: int = Field(2, ge=1, description="Ray Data tasks that read/validate shards in parallel")
     toy: ToyWorldConfig = Field(default_factory=ToyWorldConfig)
 
     @model_validator(mode="after")
     def _fractions_leave_training_captions(self) -> DataConfig:
         if self.validation_caption_fraction + self.test_caption_fraction >= 1:
-            raise ValueError("validation_caption_fraction + test_caption_fraction must be < 1 (no training captions left)")
+            raise ValueError(
+                "validation_caption_fraction + test_caption_fraction must be < 1 (no training captions left)"
+            )
         return self
 
 
@@ -197,7 +203,9 @@ class PPDConfig(_Section):
 
     def flatten(self) -> dict[str, str]:
         """Dotted key -> string value, e.g. for MLflow params."""
-        return {key: json.dumps(value) if isinstance(value, list) else str(value) for key, value in _flatten(self.to_dict())}
+        return {
+            key: json.dumps(value) if isinstance(value, list) else str(value) for key, value in _flatten(self.to_dict())
+        }
 
     def with_overrides(self, overrides: Iterable[str]) -> PPDConfig:
         """Apply `section.field=value` overrides (values parsed as YAML scalars) and re-validate."""
@@ -279,7 +287,10 @@ def stage_c_lite_h100x8() -> PPDConfig:
         preset="stage_c_lite_h100x8",
         data=DataConfig(check_images=True, concurrency=32),
         model=ModelConfig(
-            architecture="stage_c_lite", stage_c_path="stabilityai/stable-cascade-prior", latent_size=24, dtype="bfloat16"
+            architecture="stage_c_lite",
+            stage_c_path="stabilityai/stable-cascade-prior",
+            latent_size=24,
+            dtype="bfloat16",
         ),
         embed=EmbedConfig(
             embedder="vlm-vllm",
@@ -310,7 +321,9 @@ PRESETS: dict[str, Callable[[], PPDConfig]] = {
 }
 
 
-def load_config(preset: str = "tiny_cpu", overrides: Iterable[str] = (), config_file: str | Path | None = None) -> PPDConfig:
+def load_config(
+    preset: str = "tiny_cpu", overrides: Iterable[str] = (), config_file: str | Path | None = None
+) -> PPDConfig:
     """Build a config from a named preset (or a file), then apply dotted overrides."""
     if config_file is not None:
         cfg = PPDConfig.from_file(config_file)

@@ -75,7 +75,9 @@ app.add_typer(toy_app, name="toy")
 @toy_app.callback(invoke_without_command=True)
 def toy(
     ctx: typer.Context,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="output folder (pairs/, hidden/, manifest.json)")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="output folder (pairs/, hidden/, manifest.json)")
+    ] = None,
     seed: Annotated[int, typer.Option(help="seed: same seed and preset give identical files")] = 0,
     preset: PresetOption = "tiny_cpu",
     overrides: OverrideOption = None,
@@ -94,7 +96,10 @@ def generate_toy_world(cfg: PPDConfig, out: Path, seed: int) -> dict:
     from ppd.data.toyworld import write_toy_world
 
     toy_cfg = cfg.data.toy
-    total = len(ATTRIBUTES) * toy_cfg.one_reward_pairs_per_user + toy_cfg.population_users * toy_cfg.population_pairs_per_user
+    total = (
+        len(ATTRIBUTES) * toy_cfg.one_reward_pairs_per_user
+        + toy_cfg.population_users * toy_cfg.population_pairs_per_user
+    )
     done = 0
 
     def progress(population: str, rows: int) -> None:
@@ -105,7 +110,9 @@ def generate_toy_world(cfg: PPDConfig, out: Path, seed: int) -> dict:
     log(f"toy world: rendering {total} pairs of {toy_cfg.image_size}x{toy_cfg.image_size} images, seed {seed}")
     manifest = write_toy_world(out, toy_cfg, seed, progress=progress)
     for population, counts in manifest["populations"].items():
-        typer.echo(f"{population:11s} {counts['users']:4d} users {counts['pairs']:6d} pairs -> {out}/pairs/{population}/")
+        typer.echo(
+            f"{population:11s} {counts['users']:4d} users {counts['pairs']:6d} pairs -> {out}/pairs/{population}/"
+        )
     typer.echo(f"hidden rewards (evaluation only) -> {out}/hidden/rewards.json")
     return manifest
 

@@ -29,7 +29,12 @@ def job_arg_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--preset", default="tiny_cpu", help=f"named config preset ({', '.join(PRESETS)})")
     parser.add_argument("--config", default=None, help="a YAML/JSON config file (instead of --preset)")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a config field"
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override a config field",
     )
     return parser
 

@@ -55,7 +55,9 @@ def discover_shards(input_path: Path) -> list[Shard]:
             rows, problem = parquet.metadata.num_rows, check_schema(parquet.schema_arrow)
         except Exception as err:  # pyarrow raises ArrowInvalid / OSError for empty or corrupt files
             size = path.stat().st_size
-            shards.append(Shard(index, str(path), 0, next_pair_id, "unreadable_file", f"not a parquet file ({size} bytes): {err}"))
+            shards.append(
+                Shard(index, str(path), 0, next_pair_id, "unreadable_file", f"not a parquet file ({size} bytes): {err}")
+            )
             continue
         if problem is not None:
             shards.append(Shard(index, str(path), rows, next_pair_id, problem.reason, problem.message))
@@ -153,18 +155,24 @@ def run(cfg: PPDConfig, input_path: Path, out: Path) -> dict:
     input_rows = sum(s.rows for s in shards)
 
     init_ray()
-    specs = ray.data.from_items([{"index": s.index, "path": s.path, "first_pair_id": s.first_pair_id} for s in usable])
+    tasks = ray.data.TaskPoolStrategy(size=max(1, min(data.concurrency, len(usable))))
+    specs = ray.data.from_items(
+        [{"index": s.index, "path": s.path, "first_pair_id": s.first_pair_id} for s in usable],
+        override_num_blocks=max(1, len(usable)),  # one block per shard, so shards run in parallel tasks
+    )
     log(f"checking {sum(s.rows for s in usable)} rows in {len(usable)} shard(s)")
     if usable:
         meta = specs.map_batches(
             scan_shard,
             batch_size=1,
-            compute=ray.data.TaskPoolStrategy(size=data.concurrency),
+            compute=tasks,
             fn_kwargs={"check_images": data.check_images},
         ).to_pandas()
         meta = meta.sort_values("pair_id").reset_index(drop=True)
     else:
-        meta = pd.DataFrame(columns=["pair_id", "file_index", "row_in_file", "ranking_id", "user_id", "caption", "reason"])
+        meta = pd.DataFrame(
+            columns=["pair_id", "file_index", "row_in_file", "ranking_id", "user_id", "caption", "reason"]
+        )
     plan = plan_preparation(meta, data)
     report = accounting(input_rows, plan, file_rejections)
     _write_rejections(out, meta, plan, shards)
@@ -176,7 +184,7 @@ def run(cfg: PPDConfig, input_path: Path, out: Path) -> dict:
         counts = specs.map_batches(
             write_shard,
             batch_size=1,
-            compute=ray.data.TaskPoolStrategy(size=data.concurrency),
+            compute=tasks,
             fn_kwargs={"out": str(out), "plan_ref": ray.put(plan_table)},
         ).to_pandas()
         written = {s: int(counts[s].sum()) for s in SPLITS}
@@ -228,7 +236,9 @@ def _write_rejections(out: Path, meta: pd.DataFrame, plan, shards: list[Shard]) 
         out / "rejected.parquet", index=False
     )
     for reason, rows in rejected[rejected["row_in_file"] >= 0].groupby("reason"):  # file-level ones were logged
-        examples = ", ".join(f"{Path(f).name}:{r}" for f, r in zip(rows["file"][:3], rows["row_in_file"][:3], strict=False))
+        examples = ", ".join(
+            f"{Path(f).name}:{r}" for f, r in zip(rows["file"][:3], rows["row_in_file"][:3], strict=False)
+        )
         log(f"rejected {int(rows['rows'].sum())} row(s): {reason} (e.g. {examples})")
 
 

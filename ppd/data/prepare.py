@@ -30,7 +30,14 @@ from ppd.config import DataConfig
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test_seen", "test_unseen")
 # Rejection reasons, in the order rows are checked (a row gets the first that applies).
-ROW_REASONS: tuple[str, ...] = ("missing_field", "no_label", "not_different", "tie", "invalid_label", "undecodable_image")
+ROW_REASONS: tuple[str, ...] = (
+    "missing_field",
+    "no_label",
+    "not_different",
+    "tie",
+    "invalid_label",
+    "undecodable_image",
+)
 PLAN_REASONS: tuple[str, ...] = ("too_few_pairs", "held_out_user_non_test_caption")
 FILE_REASONS: tuple[str, ...] = ("unreadable_file", "missing_column", "wrong_type")
 NULLABLE_INT = pa.int64()
@@ -150,7 +157,9 @@ def plan_preparation(meta: pd.DataFrame, cfg: DataConfig) -> PreparationPlan:
     member_of = {pid: gid for gid, pids in zip(groups["group_id"], groups["pair_ids"], strict=True) for pid in pids}
     rows["context_group_id"] = pd.array([member_of.get(p) for p in rows["pair_id"]], dtype="Int64")
     rows["condition_group_id"] = pd.array(_condition_groups(rows, groups, cfg), dtype="Int64")
-    return PreparationPlan(rows=rows[["pair_id", "split", "reason", "context_group_id", "condition_group_id"]], groups=groups)
+    return PreparationPlan(
+        rows=rows[["pair_id", "split", "reason", "context_group_id", "condition_group_id"]], groups=groups
+    )
 
 
 def _build_groups(rows: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
@@ -161,7 +170,9 @@ def _build_groups(rows: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
         order = sorted(user_rows["pair_id"], key=lambda p: stable_unit(cfg.seed, "group", int(p)))
         pool = "unseen" if (user_rows["split"] == "test_unseen").any() else "seen"
         for start in range(0, len(order) - cfg.shots + 1, cfg.shots):
-            records.append({"user_id": int(user_id), "pool": pool, "pair_ids": [int(p) for p in order[start : start + cfg.shots]]})
+            records.append(
+                {"user_id": int(user_id), "pool": pool, "pair_ids": [int(p) for p in order[start : start + cfg.shots]]}
+            )
     groups = pd.DataFrame(records, columns=["user_id", "pool", "pair_ids"])
     groups.insert(0, "group_id", np.arange(len(groups), dtype=np.int64))
     return groups
@@ -195,9 +206,7 @@ def accounting(input_rows: int, plan: PreparationPlan, file_rejections: dict[str
         rejected[str(reason)] += int(n)
     for reason, n in file_rejections.items():
         rejected[reason] += n
-    unconditioned = {
-        s: int(((plan.rows["split"] == s) & plan.rows["condition_group_id"].isna()).sum()) for s in SPLITS
-    }
+    unconditioned = {s: int(((plan.rows["split"] == s) & plan.rows["condition_group_id"].isna()).sum()) for s in SPLITS}
     return {
         "input_rows": int(input_rows),
         "kept": kept,

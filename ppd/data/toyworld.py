@@ -34,8 +34,12 @@ COLOUR_HUES: dict[str, float] = {  # hue in degrees of the object colour a capti
     "purple": 275.0,
     "pink": 320.0,
 }
-TEMPLATES: tuple[str, ...] = ("a {colour} {shape}", "a picture of a {colour} {shape}", "a {colour} {shape} shape",
-                              "an image showing a {colour} {shape}")
+TEMPLATES: tuple[str, ...] = (
+    "a {colour} {shape}",
+    "a picture of a {colour} {shape}",
+    "a {colour} {shape} shape",
+    "an image showing a {colour} {shape}",
+)
 POPULATIONS: tuple[str, ...] = ("one_reward", "population")
 RENDERER = "toy-renderer-v1"
 _SUPERSAMPLE = 4  # render at 4x and average down: anti-aliased edges make size/position continuous
@@ -236,7 +240,9 @@ def make_users(cfg: ToyWorldConfig, seed: int) -> list[SyntheticUser]:
     ]
     for i in range(cfg.population_users):
         direction = rng.normal(size=len(ATTRIBUTES))
-        users.append(SyntheticUser(user_id=10_000 + i, population="population", weights=direction / np.linalg.norm(direction)))
+        users.append(
+            SyntheticUser(user_id=10_000 + i, population="population", weights=direction / np.linalg.norm(direction))
+        )
     return users
 
 
@@ -276,9 +282,7 @@ def _user_pairs(
     label_0 = np.where(tie, 0.5, prefers_0.astype(np.float64))
     uids_0 = [_uid(rng) for _ in range(n_pairs)]
     uids_1 = [u if same else _uid(rng) for u, same in zip(uids_0, identical, strict=True)]
-    best = [
-        "" if t else (u0 if p else u1) for t, p, u0, u1 in zip(tie, prefers_0, uids_0, uids_1, strict=True)
-    ]
+    best = ["" if t else (u0 if p else u1) for t, p, u0, u1 in zip(tie, prefers_0, uids_0, uids_1, strict=True)]
     return {
         "caption": captions,
         "jpg_0": [_png_bytes(im) for im in images_0],

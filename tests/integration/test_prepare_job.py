@@ -28,10 +28,15 @@ def broken_inputs(tmp_path_factory, toy_world):
     sample = good.slice(0, 10)
     jpg_0 = sample.column("jpg_0").to_pylist()
     jpg_0[:3] = [b"definitely not an image", b"", jpg_0[3][:20]]  # garbage, empty, truncated
-    pq.write_table(sample.set_column(sample.schema.get_field_index("jpg_0"), "jpg_0", pa.array(jpg_0, pa.binary())), folder / "b_corrupt.parquet")
+    pq.write_table(
+        sample.set_column(sample.schema.get_field_index("jpg_0"), "jpg_0", pa.array(jpg_0, pa.binary())),
+        folder / "b_corrupt.parquet",
+    )
     pq.write_table(sample.drop_columns(["label_1"]), folder / "c_missing_column.parquet")
     as_text = pa.array([str(u) for u in sample.column("user_id").to_pylist()])
-    pq.write_table(sample.set_column(sample.schema.get_field_index("user_id"), "user_id", as_text), folder / "d_wrong_type.parquet")
+    pq.write_table(
+        sample.set_column(sample.schema.get_field_index("user_id"), "user_id", as_text), folder / "d_wrong_type.parquet"
+    )
     (folder / "e_empty.parquet").write_bytes(b"")
     ties = sample.set_column(sample.schema.get_field_index("label_0"), "label_0", pa.array([0.5] * 10))
     ties = ties.set_column(ties.schema.get_field_index("label_1"), "label_1", pa.array([0.5] * 10))
@@ -57,7 +62,9 @@ def test_job_accounts_for_every_row_of_broken_inputs(ray_local, broken_inputs, s
     for table in (good, ties):
         different = table.column("are_different")
         expected["not_different"] += pc.sum(pc.invert(different)).as_py()
-        expected["tie"] += pc.sum(pc.and_(different, pc.equal(table.column("label_0"), table.column("label_1")))).as_py()
+        expected["tie"] += pc.sum(
+            pc.and_(different, pc.equal(table.column("label_0"), table.column("label_1")))
+        ).as_py()
     assert rejected["tie"] == expected["tie"] and rejected["not_different"] == expected["not_different"]
 
     problems = {f["path"].rsplit("/", 1)[-1]: f["problem"] for f in report["files"]}
@@ -101,7 +108,9 @@ def test_split_files_and_groups_are_consistent(ray_local, toy_world, smoke_confi
     for group in groups.itertuples():
         assert len(group.pair_ids) == smoke_config.data.shots
         assert len(group.jpg_0) == len(group.captions) == len(group.preferred) == smoke_config.data.shots
-        for pid, caption, jpg_0, preferred in zip(group.pair_ids, group.captions, group.jpg_0, group.preferred, strict=True):
+        for pid, caption, jpg_0, preferred in zip(
+            group.pair_ids, group.captions, group.jpg_0, group.preferred, strict=True
+        ):
             source = by_pair[pid]
             assert source.user_id == group.user_id and source.caption == caption
             assert source.jpg_0 == jpg_0 and source.preferred == preferred
@@ -112,7 +121,9 @@ def test_split_files_and_groups_are_consistent(ray_local, toy_world, smoke_confi
     for table in tables.values():
         conditioned = table[table["condition_group_id"].notna()]
         assert len(conditioned) > 0
-        for pid, uid, gid in zip(conditioned["pair_id"], conditioned["user_id"], conditioned["condition_group_id"], strict=True):
+        for pid, uid, gid in zip(
+            conditioned["pair_id"], conditioned["user_id"], conditioned["condition_group_id"], strict=True
+        ):
             assert pid not in list(members[int(gid)]) and owners[int(gid)] == uid
 
 
@@ -122,7 +133,9 @@ def test_cli_reports_unusable_input_without_a_traceback(ray_local, broken_inputs
     only_ties.mkdir()
     shutil.copy(folder / "f_all_ties.parquet", only_ties)
     runner = CliRunner()
-    result = runner.invoke(app, ["prepare", "--input", str(only_ties), "--out", str(tmp_path / "out"), "--preset", "smoke"])
+    result = runner.invoke(
+        app, ["prepare", "--input", str(only_ties), "--out", str(tmp_path / "out"), "--preset", "smoke"]
+    )
     assert result.exit_code == 2
     assert "no usable rows: all 10 input rows were rejected (tie: 10)" in result.output
     assert "Traceback" not in result.output

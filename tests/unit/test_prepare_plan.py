@@ -89,7 +89,9 @@ def test_plan_properties(case):
     group_members = dict(zip(plan.groups["group_id"], plan.groups["pair_ids"], strict=True))
     group_user = dict(zip(plan.groups["group_id"], plan.groups["user_id"], strict=True))
     conditioned = rows[rows["condition_group_id"].notna()]
-    for pair_id, user_id, gid in zip(conditioned["pair_id"], conditioned["user_id"], conditioned["condition_group_id"], strict=True):
+    for pair_id, user_id, gid in zip(
+        conditioned["pair_id"], conditioned["user_id"], conditioned["condition_group_id"], strict=True
+    ):
         assert pair_id not in group_members[int(gid)]
         assert group_user[int(gid)] == user_id
     # rejected pairs are neither in groups nor conditioned

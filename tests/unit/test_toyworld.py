@@ -16,7 +16,9 @@ SMALL = ToyWorldConfig(one_reward_pairs_per_user=12, population_users=3, populat
 
 def _digest(folder):
     return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
     }
 
 
@@ -25,9 +27,10 @@ def test_same_seed_gives_identical_bytes_and_other_seed_differs(tmp_path):
     write_toy_world(tmp_path / "b", SMALL, seed=3)
     write_toy_world(tmp_path / "c", SMALL, seed=4)
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
-    assert _digest(tmp_path / "a")["pairs/population/part-00000.parquet"] != _digest(tmp_path / "c")[
-        "pairs/population/part-00000.parquet"
-    ]
+    assert (
+        _digest(tmp_path / "a")["pairs/population/part-00000.parquet"]
+        != _digest(tmp_path / "c")["pairs/population/part-00000.parquet"]
+    )
 
 
 def test_pairs_are_pickapic_and_hide_the_rewards(toy_world):
