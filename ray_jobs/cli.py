@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from ppd.config import ATTRIBUTES, PRESETS, ConfigError, PPDConfig, load_config
+from ray_jobs.cli_embed import embed_app
 from ray_jobs.cli_model import model_app
 from ray_jobs.common import JobError, log
 
@@ -26,6 +27,7 @@ app = typer.Typer(
 config_app = typer.Typer(help="Show and check configurations.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(model_app, name="model")
+app.add_typer(embed_app, name="embed")
 
 PresetOption = Annotated[str, typer.Option("--preset", "-p", help=f"config preset: {', '.join(PRESETS)}")]
 OverrideOption = Annotated[
