@@ -96,6 +96,13 @@ class EmbedConfig(_Section):
     batch_size: int = Field(8, ge=1)
     concurrency: int = Field(1, ge=1, description="actors in the Ray Data pool")
     gpus_per_actor: float = Field(0.0, ge=0)
+    seed: int = Field(0, description="sampling seed of the profiles (vLLM: seed + group_id per request)")
+    forward_batch_size: int = Field(
+        4, ge=1, description="rows per hidden-state forward pass (bounds the memory of all-layer states)"
+    )
+    image_encoder_path: str | None = Field(
+        None, description="pairdiff: CLIP vision checkpoint (e.g. openai/clip-vit-large-patch14); None = tiny local"
+    )
 
 
 class TrainConfig(_Section):
