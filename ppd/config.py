@@ -103,6 +103,7 @@ class EmbedConfig(_Section):
     image_encoder_path: str | None = Field(
         None, description="pairdiff: CLIP vision checkpoint (e.g. openai/clip-vit-large-patch14); None = tiny local"
     )
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="VLM weights (bfloat16 for the 7B on GPUs)")
 
 
 class TrainConfig(_Section):
@@ -125,6 +126,24 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(100, ge=1, description="optimiser steps between checkpoints")
     max_failures: int = Field(2, ge=0)
     seed: int = 0
+    users: list[int] | None = Field(
+        None, description="train only on pairs of these user ids (e.g. a per-reward DPO upper bound); None = all"
+    )
+    upper_bound_steps: int = Field(200, ge=1, description="optimiser steps of each per-reward DPO upper bound (demo)")
+    max_grad_norm: float = Field(1.0, ge=0, description="clip the global gradient norm to this (0 = no clipping)")
+    cpus_per_worker: float = Field(
+        1.0, gt=0, description="CPUs reserved per training worker; leave some free for Ray Data (2-CPU box: 0.5)"
+    )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "PACK", description="how training workers are placed on nodes (PACK keeps them close, SPREAD over nodes)"
+    )
+    checkpoints_to_keep: int = Field(2, ge=1, description="latest checkpoints kept in storage")
+    storage_path: str | None = Field(
+        None, description="Ray Train storage (shared filesystem or s3://) for checkpoints; None = <run dir>/ray"
+    )
+    precompute_batch_size: int = Field(64, ge=1, description="pairs / captions per encoder call in the precompute job")
+    precompute_concurrency: int = Field(1, ge=1, description="encoder actors of the precompute job")
+    precompute_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per precompute encoder actor")
 
     @property
     def grad_accumulation(self) -> int:
@@ -148,6 +167,10 @@ class EvalConfig(_Section):
 
     captions: int = Field(16, ge=1, description="evaluation captions per user")
     seeds_per_caption: int = Field(2, ge=1)
+    users_per_split: int = Field(48, ge=1, description="population users evaluated per test split")
+    captions_per_user: int = Field(4, ge=1, description="held-out captions generated per population user")
+    concurrency: int = Field(1, ge=1, description="generator actors in the Ray Data pool")
+    batch_size: int = Field(64, ge=1, description="generation requests per actor call")
     inference_steps: int = Field(30, ge=1, description="sampler steps (paper: 30)")
     guidance: float = Field(4.0, ge=0, description="classifier-free guidance scale on text")
     bootstrap_samples: int = Field(1000, ge=100)
@@ -171,6 +194,12 @@ class TrackingConfig(_Section):
 
     uri: str | None = Field(None, description="MLflow tracking URI; None = start a local server on loopback")
     experiment: str = "ppd"
+    local_store: str = Field(
+        "runs/mlflow", description="sqlite store + artifacts of the loopback server started when uri is None"
+    )
+    registered_model: str = Field("ppd-user-adapter", description="registered model each trained adapter is added to")
+    sample_captions: int = Field(3, ge=1, le=8, description="captions in the sample grid logged after training")
+    sample_users: int = Field(3, ge=1, le=8, description="users in the sample grid logged after training")
 
 
 class PPDConfig(_Section):

@@ -1,0 +1,164 @@
+"""Which user wrote these pairs? A classifier on frozen user embeddings (paper Fig. 2), with top-k accuracy vs chance.
+
+Take the users with the most groups (paper: 300 users with the most pairs), hold out some groups of every user,
+train a multinomial logistic regression (a linear softmax layer, L2-regularised, full-batch) on the rest, and report
+top-k accuracy on the held-out groups for k = 1..16 against chance k / n_users. A linear probe keeps the question
+about the embedding, not about the classifier.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+Pooling = Literal["flatten", "mean"]
+
+
+@dataclass
+class ClassifierReport:
+    """Top-k accuracy of the user classifier on held-out groups, beside chance."""
+
+    n_users: int
+    train_groups: int
+    test_groups: int
+    pooling: str
+    top_k: dict[int, float] = field(default_factory=dict)
+    chance: dict[int, float] = field(default_factory=dict)
+    train_accuracy: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    def summary(self) -> str:
+        """One line per k in (1, 5, 16) where available."""
+        ks = [k for k in (1, 5, 16) if k in self.top_k]
+        return "; ".join(f"top-{k} {self.top_k[k]:.1%} (chance {self.chance[k]:.1%})" for k in ks)
+
+
+def features(embedding: np.ndarray, pooling: Pooling) -> np.ndarray:
+    """[L, d] -> one vector: `flatten` keeps every layer/token ([L*d]); `mean` averages exchangeable tokens ([d])."""
+    if pooling == "flatten":
+        return embedding.reshape(-1)
+    if pooling == "mean":
+        return embedding.mean(axis=0)
+    raise ValueError(f"unknown pooling {pooling!r}")
+
+
+def split_by_user(
+    group_users: dict[int, int], max_users: int, test_per_user: int, seed: int
+) -> tuple[list[int], list[int], list[int]]:
+    """(users kept, train group ids, test group ids): the `max_users` users with the most groups; per user,
+    `test_per_user` groups held out at random. Users need more than `test_per_user` groups."""
+    groups_of: dict[int, list[int]] = defaultdict(list)
+    for group_id, user_id in sorted(group_users.items()):
+        groups_of[user_id].append(group_id)
+    eligible = [u for u, g in groups_of.items() if len(g) > test_per_user]
+    users = sorted(eligible, key=lambda u: (-len(groups_of[u]), u))[:max_users]
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for user in users:
+        held_out = set(rng.choice(groups_of[user], size=test_per_user, replace=False).tolist())
+        test += [g for g in groups_of[user] if g in held_out]
+        train += [g for g in groups_of[user] if g not in held_out]
+    return sorted(users), train, test
+
+
+def top_k_accuracy(scores: np.ndarray, labels: np.ndarray, ks: list[int]) -> dict[int, float]:
+    """Share of rows whose true label is among the k highest scores, for each k. scores [n, C], labels [n]."""
+    order = np.argsort(-scores, axis=1)  # [n, C]
+    rank = np.argmax(order == labels[:, None], axis=1)  # [n]: position of the true label
+    return {k: float(np.mean(rank < k)) for k in ks}
+
+
+def fit_linear_probe(
+    x: np.ndarray, y: np.ndarray, n_classes: int, weight_decay: float = 1e-3, steps: int = 300, seed: int = 0
+) -> torch.nn.Linear:
+    """Multinomial logistic regression, full-batch L-BFGS on standardised features x [n, f], labels y [n]."""
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.as_tensor(x, dtype=torch.float32)
+    targets = torch.as_tensor(y, dtype=torch.long)
+    probe = torch.nn.Linear(inputs.shape[1], n_classes)
+    with torch.no_grad():
+        probe.weight.normal_(0, 0.01, generator=generator)
+        probe.bias.zero_()
+    optimiser = torch.optim.LBFGS(probe.parameters(), lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimiser.zero_grad()
+        loss = torch.nn.functional.cross_entropy(probe(inputs), targets)
+        loss = loss + weight_decay * probe.weight.pow(2).sum() / 2
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    return probe
+
+
+def evaluate_user_classifier(
+    embeddings: dict[tuple[int, int], np.ndarray],
+    pooling: Pooling = "flatten",
+    max_users: int = 300,
+    test_per_user: int = 1,
+    max_k: int = 16,
+    weight_decay: float = 1e-3,
+    seed: int = 0,
+) -> ClassifierReport:
+    """Train on the kept users' training groups, report top-k accuracy (k = 1..max_k) on their held-out groups."""
+    group_users = {group_id: user_id for user_id, group_id in embeddings}
+    vectors = {group_id: features(e, pooling) for (_, group_id), e in embeddings.items()}
+    users, train, test = split_by_user(group_users, max_users, test_per_user, seed)
+    if len(users) < 2:
+        raise ValueError(
+            f"need at least 2 users with more than {test_per_user} groups each; found {len(users)} "
+            f"among {len(set(group_users.values()))} users"
+        )
+    label_of = {user: index for index, user in enumerate(users)}
+    x_train = np.stack([vectors[g] for g in train])  # [n_train, f]
+    x_test = np.stack([vectors[g] for g in test])  # [n_test, f]
+    mean, std = x_train.mean(axis=0), x_train.std(axis=0) + 1e-6
+    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    y_train = np.array([label_of[group_users[g]] for g in train])
+    y_test = np.array([label_of[group_users[g]] for g in test])
+    probe = fit_linear_probe(x_train, y_train, len(users), weight_decay=weight_decay, seed=seed)
+    with torch.no_grad():
+        test_scores = probe(torch.as_tensor(x_test, dtype=torch.float32)).numpy()  # [n_test, n_users]
+        train_scores = probe(torch.as_tensor(x_train, dtype=torch.float32)).numpy()
+    ks = list(range(1, min(max_k, len(users)) + 1))
+    return ClassifierReport(
+        n_users=len(users),
+        train_groups=len(train),
+        test_groups=len(test),
+        pooling=pooling,
+        top_k=top_k_accuracy(test_scores, y_test, ks),
+        chance={k: k / len(users) for k in ks},
+        train_accuracy=top_k_accuracy(train_scores, y_train, [1])[1],
+    )
+
+
+def plot_top_k(report: ClassifierReport, path: str | Path, title: str = "") -> Path:
+    """The top-k curve against chance (paper Fig. 2 style), saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = sorted(report.top_k)
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    axis.plot(ks, [report.top_k[k] for k in ks], marker="o", label="classifier on user embeddings")
+    axis.plot(ks, [report.chance[k] for k in ks], linestyle="--", color="grey", label="chance (k / users)")
+    axis.set_xlabel("k")
+    axis.set_ylabel("top-k accuracy (held-out groups)")
+    axis.set_ylim(0, 1.02)
+    axis.set_title(title or f"Which user? {report.n_users} users, {report.test_groups} held-out groups")
+    axis.grid(alpha=0.3)
+    axis.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return Path(path)

@@ -1,0 +1,73 @@
+"""Image generation for evaluation: one model variant (the base, or the base + one trained adapter) at a time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ppd.config import PPDConfig
+from ppd.eval.rewards import to_uint8_images
+from ppd.models.checkpoint import load_adapter, read_adapter_checkpoint
+from ppd.models.factory import build_personalized_stage_c, latent_shape, load_caption_encoder, load_decoder
+from ppd.sample import generate_images
+
+
+class VariantGenerator:
+    """Generates images for (caption, seed, user embedding) rows with one model variant; models loaded once."""
+
+    def __init__(self, cfg: PPDConfig, adapter_dir: str | Path | None, device: str = "cpu") -> None:
+        self.cfg = cfg
+        if adapter_dir is None:
+            self.method, embedding_shape = None, (1, 1)  # the base: the adapter is built but never switched on
+        else:
+            meta, _ = read_adapter_checkpoint(adapter_dir)
+            self.method, embedding_shape = meta.train_method, meta.embedding_shape
+        self.embedding_shape = embedding_shape
+        self.model = build_personalized_stage_c(cfg.model, embedding_shape, device).eval()
+        if adapter_dir is not None:
+            load_adapter(self.model, adapter_dir, architecture=cfg.model.architecture)
+        self.encoder = load_caption_encoder(cfg.model, device)
+        self.decoder = load_decoder(cfg.model, device)
+        self.latent_shape = latent_shape(cfg.model)
+        self._captions: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        missing = sorted({c for c in captions if c not in self._captions})
+        if missing:
+            hidden, pooled = self.encoder.encode_captions(missing)
+            self._captions.update({c: (hidden[i], pooled[i]) for i, c in enumerate(missing)})
+        hidden = torch.stack([self._captions[c][0] for c in captions])  # [B, S, C_t]
+        pooled = torch.stack([self._captions[c][1] for c in captions])  # [B, 1, C_t]
+        return hidden, pooled
+
+    def generate(
+        self,
+        captions: list[str],
+        seeds: list[int],
+        user_embeddings: np.ndarray | None = None,
+        user_scale: float | None = None,
+    ) -> np.ndarray:
+        """uint8 images [B, H, W, 3]; `user_embeddings` [B, L, d] (ignored by the base; zeros for a dpo adapter)."""
+        hidden, pooled = self._encode(captions)
+        users = None
+        if self.method == "dpo":
+            users = torch.zeros(len(captions), *self.embedding_shape)  # the Diffusion-DPO baseline's only "user"
+        elif self.method is not None:
+            if user_embeddings is None:
+                raise ValueError(f"a {self.method} adapter needs user embeddings [B, L, d]")
+            users = torch.as_tensor(np.asarray(user_embeddings, dtype=np.float32))  # [B, L, d]
+        images = generate_images(
+            self.model,
+            self.decoder,
+            hidden,
+            pooled,
+            seeds=seeds,
+            latent_shape=self.latent_shape,
+            user_embedding=users,
+            user_scale=self.cfg.model.user_scale if user_scale is None else user_scale,
+            steps=self.cfg.eval.inference_steps,
+            guidance=self.cfg.eval.guidance,
+        )
+        return to_uint8_images(images)

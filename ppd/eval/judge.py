@@ -1,0 +1,144 @@
+"""The preference judge (paper supplementary B.3): shown a user's few-shot pairs and a new pair, which image wins?
+
+Each query is asked twice, with the two new images swapped; a verdict that changes with the order is
+inconsistent and dropped (counted). Backends: an oracle from the toy world's hidden rewards, and any
+OpenAI-compatible chat endpoint (a vLLM server, a hosted model).
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class JudgeQuery:
+    """The user's context pairs and a new pair to judge (images as PNG/JPEG bytes)."""
+
+    context_captions: Sequence[str]
+    context_first: Sequence[bytes]
+    context_second: Sequence[bytes]
+    context_preferred: Sequence[int]  # 0 = the user preferred the first image, 1 = the second
+    caption: str
+    image_a: bytes
+    image_b: bytes
+
+
+# A judge answers 0 (first image shown) or 1 (second image shown), or None when its answer cannot be parsed.
+Verdict = int | None
+
+
+@dataclass(frozen=True)
+class JudgeReport:
+    """Consistent verdicts and how many were dropped."""
+
+    preferred: list[int | None]  # per query: 0 = image_a, 1 = image_b, None = dropped (inconsistent/unparsable)
+    dropped: int
+
+    @property
+    def dropped_share(self) -> float:
+        return self.dropped / max(1, len(self.preferred))
+
+    def accuracy(self, truth: Sequence[int]) -> float:
+        """Share of kept verdicts that match `truth` (0 = image_a preferred); NaN if none was kept."""
+        kept = [(v, t) for v, t in zip(self.preferred, truth, strict=True) if v is not None]
+        return float(np.mean([v == t for v, t in kept])) if kept else float("nan")
+
+
+def consistent_verdict(forward: Verdict, swapped: Verdict) -> int | None:
+    """Combine the verdicts of (a, b) and (b, a): kept only if both name the same image."""
+    if forward is None or swapped is None:
+        return None
+    image_in_swapped = 1 - swapped  # position 0 of the swapped question was image_b
+    return forward if forward == image_in_swapped else None
+
+
+def judge_pairs(queries: Sequence[JudgeQuery], ask: Callable[[JudgeQuery, bool], Verdict]) -> JudgeReport:
+    """Ask each query in both orders (`ask(query, swapped)`) and keep the consistent verdicts."""
+    preferred = [consistent_verdict(ask(q, False), ask(q, True)) for q in queries]
+    return JudgeReport(preferred, sum(v is None for v in preferred))
+
+
+def oracle_judge(reward: Callable[[bytes], float]) -> Callable[[JudgeQuery, bool], Verdict]:
+    """The toy world's judge: the hidden reward of the user decides (ties -> the first shown, so ties are dropped)."""
+
+    def ask(query: JudgeQuery, swapped: bool) -> Verdict:
+        first, second = (query.image_b, query.image_a) if swapped else (query.image_a, query.image_b)
+        return 0 if reward(first) >= reward(second) else 1
+
+    return ask
+
+
+_ANSWER = re.compile(r"\b(?:image\s*)?([12])\b", re.IGNORECASE)
+
+
+def parse_answer(text: str) -> Verdict:
+    """'Image 1' / '1' -> 0, 'Image 2' / '2' -> 1; anything else (or both) -> None."""
+    found = {m.group(1) for m in _ANSWER.finditer(text or "")}
+    if len(found) != 1:
+        return None
+    return int(found.pop()) - 1
+
+
+def _image_part(data: bytes) -> dict:
+    kind = "png" if data[:4] == b"\x89PNG" else "jpeg"
+    return {"type": "image_url", "image_url": {"url": f"data:image/{kind};base64,{base64.b64encode(data).decode()}"}}
+
+
+def chat_messages(query: JudgeQuery, swapped: bool) -> list[dict]:
+    """The judge prompt as OpenAI chat messages: the user's examples, then the new pair, asking for 1 or 2."""
+    content: list[dict] = [
+        {
+            "type": "text",
+            "text": "Here are examples of one person's taste in images. In each example they saw a "
+            "caption and two images and chose the one they liked more.",
+        }
+    ]
+    for i, (caption, first, second, choice) in enumerate(
+        zip(query.context_captions, query.context_first, query.context_second, query.context_preferred, strict=True), 1
+    ):
+        content += [
+            {"type": "text", "text": f"Example {i}. Caption: {caption}. Image 1:"},
+            _image_part(first),
+            {"type": "text", "text": "Image 2:"},
+            _image_part(second),
+            {"type": "text", "text": f"They preferred image {choice + 1}."},
+        ]
+    first, second = (query.image_b, query.image_a) if swapped else (query.image_a, query.image_b)
+    content += [
+        {"type": "text", "text": f"New caption: {query.caption}. Image 1:"},
+        _image_part(first),
+        {"type": "text", "text": "Image 2:"},
+        _image_part(second),
+        {"type": "text", "text": "Which image would this person prefer? Answer with 1 or 2 only."},
+    ]
+    return [{"role": "user", "content": content}]
+
+
+def openai_judge(
+    base_url: str, model: str, api_key: str | None = None, timeout_s: float = 120.0, max_tokens: int = 8
+) -> Callable[[JudgeQuery, bool], Verdict]:
+    """A judge backed by an OpenAI-compatible `/v1/chat/completions` endpoint (greedy, short answers)."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    client = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_s)
+
+    def ask(query: JudgeQuery, swapped: bool) -> Verdict:
+        response = client.post(
+            "/v1/chat/completions",
+            json={
+                "model": model,
+                "messages": chat_messages(query, swapped),
+                "temperature": 0.0,
+                "max_tokens": max_tokens,
+            },
+        )
+        response.raise_for_status()
+        return parse_answer(response.json()["choices"][0]["message"]["content"])
+
+    return ask
