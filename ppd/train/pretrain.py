@@ -35,6 +35,7 @@ class PretrainSettings:
     ema_decay: float = 0.998
     caption_dropout: float = 0.1
     seed: int = 0
+    resume_from: Path | None = None  # a saved base to continue training (None: the random tiny init)
 
 
 def images_to_unit_range(images: np.ndarray) -> torch.Tensor:
@@ -53,7 +54,8 @@ def pretrain_toy_base(
         raise ValueError("the toy base is the tiny architecture (model.architecture=tiny)")
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng([settings.seed, 23])
-    start_model = cfg.model.model_copy(update={"stage_c_path": None})  # always from the random tiny init
+    resume = None if settings.resume_from is None else str(settings.resume_from)
+    start_model = cfg.model.model_copy(update={"stage_c_path": resume})  # random tiny init unless resuming
     unet: StableCascadeUNet = load_stage_c(start_model).train().requires_grad_(True)
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     encoder = load_caption_encoder(start_model)
