@@ -87,7 +87,9 @@ class ModelConfig(_Section):
 class EmbedConfig(_Section):
     """Stage 1: users' few-shot groups -> user embeddings."""
 
-    embedder: Literal["vlm-hf", "vlm-vllm", "pairdiff"] = "pairdiff"
+    embedder: Literal["vlm-hf", "vlm-vllm", "pairdiff", "onehot"] = Field(
+        "pairdiff", description="VLM (paper), pair differences of a frozen image encoder, or one-hot known users"
+    )
     vlm_path: str | None = Field(None, description="LLaVA-OneVision checkpoint path; None = locally built tiny model")
     layers: Literal["last", "all"] | list[int] = Field("last", description="hidden-state layers kept in the embedding")
     temperature: float = Field(0.7, ge=0, description="sampling temperature of the profile (0 = greedy)")

@@ -119,6 +119,31 @@ def generate_toy_world(cfg: PPDConfig, out: Path, seed: int) -> dict:
     return manifest
 
 
+@toy_app.command("pretrain-base")
+def toy_pretrain_base(
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="where the base goes (the demo reads assets/toy_base)")
+    ] = Path("assets/toy_base"),
+    steps: Annotated[int, typer.Option(help="optimiser steps (fresh images every step)")] = 4000,
+    batch_size: Annotated[int, typer.Option(help="images per step")] = 64,
+    seed: Annotated[int, typer.Option(help="seed of the images and the noise")] = 0,
+    resume_from: Annotated[
+        Path | None, typer.Option(help="continue from a saved base instead of the random init")
+    ] = None,
+    preset: PresetOption = "tiny_cpu",
+    overrides: OverrideOption = None,
+) -> None:
+    """Pretrain the tiny Stage C on toy-world images and captions (the stand-in for pretrained Stable Cascade)."""
+    from ppd.train.pretrain import PretrainSettings, pretrain_toy_base
+
+    cfg = _config(preset, overrides)
+    settings = PretrainSettings(steps=steps, batch_size=batch_size, seed=seed, resume_from=resume_from)
+    summary = pretrain_toy_base(
+        cfg, settings, out, progress=lambda step, loss: log(f"step {step}/{steps} loss {loss:.4f}")
+    )
+    typer.echo(f"toy base -> {out} (loss {summary['final_loss']:.4f}, {summary['seconds']:.0f}s)")
+
+
 # --- jobs -----------------------------------------------------------------------------------------------------------
 
 
@@ -147,6 +172,85 @@ def run_prepare(cfg: PPDConfig, input: Path, out: Path) -> dict:
     typer.echo(format_accounting(report))
     typer.echo(f"accounting -> {out}/accounting.json")
     return report
+
+
+@app.command()
+def precompute(
+    prepared: Annotated[Path, typer.Option("--prepared", help="output folder of `ppd prepare`")],
+    embeddings: Annotated[Path, typer.Option("--embeddings", help="output folder of `ppd embed`")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder of the precomputed training inputs")],
+    splits: Annotated[str, typer.Option(help="comma-separated splits to precompute")] = "train",
+    preset: PresetOption = "tiny_cpu",
+    overrides: OverrideOption = None,
+) -> None:
+    """Latents, caption states and user embeddings for training, once (same code as `python -m ray_jobs.precompute`)."""
+    run_precompute(_config(preset, overrides), prepared, embeddings, out, tuple(splits.split(",")))
+
+
+def run_precompute(cfg: PPDConfig, prepared: Path, embeddings: Path, out: Path, splits: tuple[str, ...]):
+    from ray_jobs.precompute import format_manifest, run
+
+    try:
+        manifest = run(cfg, prepared, embeddings, out, splits)
+    except JobError as err:
+        _fail(str(err))
+    typer.echo(format_manifest(manifest, out))
+    return manifest
+
+
+@app.command()
+def train(
+    precomputed: Annotated[Path, typer.Option("--precomputed", help="output folder of `ppd precompute`")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="run folder: adapter/, summary.json, checkpoints")],
+    method: Annotated[str | None, typer.Option(help="ppd, dpo or sft (default: the preset's)")] = None,
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="MLflow tracking URI (default: config, else a loopback server)")
+    ] = None,
+    preset: PresetOption = "tiny_cpu",
+    overrides: OverrideOption = None,
+) -> None:
+    """Fine-tune the user adapter with Ray Train + DeepSpeed (same code as `python -m ray_jobs.train`)."""
+    cfg = _config(preset, overrides, [f"train.method={method}"] * (method is not None))
+    run_train(cfg, precomputed, out, tracking_uri)
+
+
+def run_train(cfg: PPDConfig, precomputed: Path, out: Path, tracking_uri: str | None = None):
+    from ray_jobs.train import TrainingFailed, run
+
+    try:
+        result = run(cfg, precomputed, out, tracking_uri)
+    except (JobError, TrainingFailed) as err:
+        _fail(str(err))
+    typer.echo(f"adapter {result.adapter_dir}  MLflow run {result.run_id}  ({result.steps} steps)")
+    return result
+
+
+runs_app = typer.Typer(help="Training runs tracked in MLflow.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+
+
+@runs_app.command("compare")
+def runs_compare(
+    experiment: Annotated[str | None, typer.Option(help="MLflow experiment (default: the preset's)")] = None,
+    uri: Annotated[
+        str | None, typer.Option("--tracking-uri", help="MLflow tracking URI (default: config, else the local store)")
+    ] = None,
+    preset: PresetOption = "tiny_cpu",
+    overrides: OverrideOption = None,
+) -> None:
+    """Print an experiment's runs side by side: params that differ, final metrics."""
+    from ray_jobs.tracking import compare_runs, tracking_uri
+
+    cfg = _config(preset, overrides)
+    uri = uri or cfg.tracking.uri
+    store = Path(cfg.tracking.local_store)
+    if uri is None and not (store / "mlflow.db").is_file():
+        _fail(f"no MLflow store at {store} (train a run first, or pass --tracking-uri)")
+    try:
+        with tracking_uri(uri, store) as served:
+            typer.echo(compare_runs(served, experiment or cfg.tracking.experiment))
+    except JobError as err:
+        _fail(str(err))
 
 
 @app.command()

@@ -27,7 +27,7 @@ from ppd.embed.groups import GROUP_COLUMNS, groups_from_rows
 from ppd.embed.store import done_group_ids, write_part
 from ray_jobs.common import JobError, config_from_args, init_ray, job_arg_parser, log
 
-EMBEDDERS = ("vlm-hf", "vlm-vllm", "pairdiff")
+EMBEDDERS = ("vlm-hf", "vlm-vllm", "pairdiff", "onehot")
 
 
 class EmbedGroups:
@@ -124,6 +124,23 @@ def run(cfg: PPDConfig, prepared: Path, out: Path, limit: int | None = None) -> 
     from ray.data.expressions import col
 
     files = group_files(prepared)
+    if cfg.embed.embedder == "onehot":
+        # Known users only (paper Sec. 5.1): a per-user indicator needs no model and no actors.
+        from ppd.embed.onehot import write_one_hot_embeddings
+
+        rows = write_one_hot_embeddings(prepared / "groups", out)
+        log(f"onehot: {rows} groups -> {out}")
+        return {
+            "embedder": "onehot",
+            "groups": rows,
+            "embedded": rows,
+            "failed": 0,
+            "already_done": 0,
+            "model_id": "one-hot-users",
+            "prompt_hash": "",
+            "layers": [0],
+            "seconds": 0.0,
+        }
     identity = resolve_identity(cfg)
     all_ids = sorted(set(pq.read_table(files, columns=["group_id"])["group_id"].to_pylist()))
     done = done_group_ids(out, identity)

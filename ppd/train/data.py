@@ -1,0 +1,373 @@
+"""Precomputed training inputs: the on-disk layout, its lookup tables, and rows -> `training_step` batches.
+
+The precompute job (`ray_jobs/precompute.py`) writes, under one directory D:
+
+    D/manifest.json                   PrecomputedManifest: shapes, row counts, file order, provenance
+    D/<split>/part-*.parquet          one row per trainable pair, in a seeded random order (PAIR_COLUMNS)
+    D/captions.safetensors            clip_text_hidden [N, 77, C_t], clip_text_pooled [N, 1, C_t]: once per caption
+    D/captions.parquet                caption_index -> caption
+    D/user_embeddings.safetensors     user_embedding [G, L, d]: once per few-shot group that conditions a pair
+    D/user_embeddings.parquet         embedding_index -> group_id, user_id
+
+Pair rows carry only the two latents and two row indices, so a pair costs ~2 x C·H·W floats on disk however long
+its caption and however large its user embedding. The two tables are read through memory maps: a worker touches
+only the rows its batches name, and the workers of one node share the pages.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from ppd.config import TrainConfig
+
+MANIFEST_FILE = "manifest.json"
+CAPTIONS_FILE = "captions.safetensors"
+CAPTIONS_INDEX = "captions.parquet"
+EMBEDDINGS_FILE = "user_embeddings.safetensors"
+EMBEDDINGS_INDEX = "user_embeddings.parquet"
+FORMAT = "ppd-precomputed"
+FORMAT_VERSION = 1
+
+# Columns of a precomputed pair row. Latents are flattened float32 (fixed-size lists); shapes are in the manifest.
+PAIR_COLUMNS = (
+    "pair_id",
+    "user_id",
+    "caption_index",
+    "embedding_index",
+    "condition_group_id",
+    "order_key",
+    "latents_win",
+    "latents_lose",
+)
+
+# safetensors dtype names <-> how the bytes are held in numpy (bfloat16 has no numpy dtype: raw uint16 bits).
+_NUMPY_STORAGE = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+_TORCH_DTYPE = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_DTYPE_NAME = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+class PrecomputedError(ValueError):
+    """A directory that is not (or no longer matches) a precomputed training set."""
+
+
+# --- tensor tables: safetensors files read and written row by row through memory maps -----------------------------
+
+
+class TensorTable:
+    """Named tensors of one safetensors file sharing a leading row dimension, read through memory maps.
+
+    `rows(name, indices)` copies only the requested rows. The file is a standard safetensors file
+    (`safetensors.torch.load_file` reads it too); `create` writes one in place without holding it in memory.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        header, data_start = _read_header(self.path)
+        self.metadata: dict[str, str] = header.pop("__metadata__", {})
+        self._arrays: dict[str, np.memmap] = {}
+        self._dtypes: dict[str, str] = {}
+        for name, spec in header.items():
+            begin, end = spec["data_offsets"]
+            dtype = spec["dtype"]
+            if dtype not in _NUMPY_STORAGE:
+                raise PrecomputedError(f"{self.path}: tensor {name!r} has unsupported dtype {dtype}")
+            shape = tuple(spec["shape"])
+            if end == begin:  # numpy cannot map zero bytes
+                self._arrays[name] = np.zeros(shape, dtype=_NUMPY_STORAGE[dtype])
+            else:
+                self._arrays[name] = np.memmap(
+                    self.path, dtype=_NUMPY_STORAGE[dtype], mode="r", offset=data_start + begin, shape=shape
+                )
+            self._dtypes[name] = dtype
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._arrays)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Full shape of tensor `name` (rows first)."""
+        return tuple(self._arrays[name].shape)
+
+    def rows(self, name: str, indices: Sequence[int] | np.ndarray) -> torch.Tensor:
+        """Rows `indices` of tensor `name` as a fresh torch tensor [len(indices), ...] of the stored dtype."""
+        array = self._arrays[name]
+        indices = np.asarray(indices, dtype=np.int64)
+        if indices.size and (indices.min() < 0 or indices.max() >= array.shape[0]):
+            raise PrecomputedError(
+                f"{self.path}: row index out of range for {name!r} ({array.shape[0]} rows): "
+                f"{indices[(indices < 0) | (indices >= array.shape[0])][:5].tolist()}"
+            )
+        picked = torch.from_numpy(np.ascontiguousarray(array[indices]))
+        return picked.view(_TORCH_DTYPE[self._dtypes[name]])
+
+    @staticmethod
+    def create(
+        path: str | Path,
+        specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+        metadata: Mapping[str, str] | None = None,
+    ) -> TensorTableWriter:
+        """Lay out a safetensors file for tensors {name: (shape, dtype)} and return a writer filling it by rows."""
+        return TensorTableWriter(Path(path), specs, metadata or {})
+
+
+class TensorTableWriter:
+    """Fills a pre-sized safetensors file row range by row range (see `TensorTable.create`)."""
+
+    def __init__(
+        self, path: Path, specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]], metadata: Mapping[str, str]
+    ) -> None:
+        header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+        offset, layout = 0, []
+        for name, (shape, dtype) in specs.items():
+            if dtype not in _DTYPE_NAME:
+                raise ValueError(f"tensor {name!r}: dtype {dtype} is not one of {list(_DTYPE_NAME)}")
+            nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+            header[name] = {
+                "dtype": _DTYPE_NAME[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
+            layout.append((name, tuple(shape), dtype, offset, nbytes))
+            offset += nbytes
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors itself writes it
+        data_start = 8 + len(encoded)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as file:
+            file.write(struct.pack("<Q", len(encoded)))
+            file.write(encoded)
+            file.truncate(data_start + offset)
+        self.path = path
+        self._arrays: dict[str, tuple[np.memmap | None, torch.dtype]] = {}
+        for name, shape, dtype, begin, nbytes in layout:
+            storage = _NUMPY_STORAGE[_DTYPE_NAME[dtype]]
+            mapped = (
+                np.memmap(path, dtype=storage, mode="r+", offset=data_start + begin, shape=shape) if nbytes else None
+            )
+            self._arrays[name] = (mapped, dtype)
+
+    def write(self, name: str, rows: Sequence[int] | np.ndarray, values: torch.Tensor) -> None:
+        """Set rows `rows` of tensor `name` to `values` [len(rows), ...] (cast to the table's dtype)."""
+        mapped, dtype = self._arrays[name]
+        if mapped is None:
+            return
+        if tuple(values.shape[1:]) != tuple(mapped.shape[1:]) or len(values) != len(rows):
+            raise ValueError(
+                f"{name}: {len(rows)} row indices for values {list(values.shape)}; table rows are {list(mapped.shape[1:])}"
+            )
+        as_bits = values.detach().to("cpu", dtype).contiguous()
+        if dtype == torch.bfloat16:
+            as_bits = as_bits.view(torch.int16)
+        mapped[np.asarray(rows, dtype=np.int64)] = as_bits.numpy().view(mapped.dtype)
+
+    def __enter__(self) -> TensorTableWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Flush everything to disk."""
+        for mapped, _ in self._arrays.values():
+            if mapped is not None:
+                mapped.flush()
+        self._arrays.clear()
+
+
+def _read_header(path: Path) -> tuple[dict[str, Any], int]:
+    try:
+        with open(path, "rb") as file:
+            (length,) = struct.unpack("<Q", file.read(8))
+            header = json.loads(file.read(length))
+    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PrecomputedError(f"{path}: not a readable safetensors file ({err})") from None
+    return header, 8 + length
+
+
+# --- manifest and the opened directory -------------------------------------------------------------------------
+
+
+class SplitFiles(BaseModel):
+    """The parquet files of one split, in training order, and how many rows they hold."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rows: int = Field(ge=0)
+    files: list[str] = Field(description="paths relative to the precomputed directory, in row order")
+
+
+class PrecomputedManifest(BaseModel):
+    """Contents of D/manifest.json."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+    architecture: str = Field(description="Stage C architecture whose latents and text encoder were used")
+    text_encoder: str = Field(description="where the caption encoder came from (path, hub id, or 'tiny')")
+    latent_shape: tuple[int, int, int] = Field(description="[C, H, W] of every latent")
+    text_shape: tuple[int, int] = Field(description="[S, C_t] of the caption hidden states")
+    pooled_dim: int
+    embedding_shape: tuple[int, int] = Field(description="[L, d] of every user embedding")
+    splits: dict[str, SplitFiles]
+    captions: int = Field(ge=0, description="rows of the caption table")
+    user_embeddings: int = Field(ge=0, description="rows of the user-embedding table")
+    rejected: dict[str, dict[str, int]] = Field(description="split -> reason -> pairs left out of training")
+    order_seed: int = Field(description="seed of the row order within each split")
+    sources: dict[str, str] = Field(default_factory=dict, description="inputs: prepared dir, embeddings, model ids")
+
+    @classmethod
+    def read(cls, directory: str | Path) -> PrecomputedManifest:
+        path = Path(directory) / MANIFEST_FILE
+        if not path.is_file():
+            raise PrecomputedError(f"{directory}: no {MANIFEST_FILE} (not the output of the precompute job)")
+        try:
+            manifest = cls.model_validate_json(path.read_text())
+        except ValueError as err:
+            raise PrecomputedError(f"{path}: not a {FORMAT} manifest: {err}") from None
+        if manifest.format != FORMAT or manifest.format_version != FORMAT_VERSION:
+            raise PrecomputedError(
+                f"{path}: format {manifest.format} v{manifest.format_version}, expected {FORMAT} v{FORMAT_VERSION}"
+            )
+        return manifest
+
+    def write(self, directory: str | Path) -> Path:
+        path = Path(directory) / MANIFEST_FILE
+        path.write_text(self.model_dump_json(indent=2))
+        return path
+
+    def split_paths(self, directory: str | Path, split: str) -> list[str]:
+        """Absolute paths of a split's files in training order."""
+        if split not in self.splits:
+            raise PrecomputedError(f"{directory}: no precomputed split {split!r} (have {', '.join(self.splits)})")
+        return [str(Path(directory).resolve() / name) for name in self.splits[split].files]
+
+
+class PrecomputedInputs:
+    """An opened precomputed directory: turns pair rows into the batch dict of `ppd.train.step.training_step`."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.manifest = PrecomputedManifest.read(self.directory)
+        self.captions = TensorTable(self.directory / CAPTIONS_FILE)
+        self.user_embeddings = TensorTable(self.directory / EMBEDDINGS_FILE)
+        expected = {
+            "clip_text_hidden": (self.manifest.captions, *self.manifest.text_shape),
+            "clip_text_pooled": (self.manifest.captions, 1, self.manifest.pooled_dim),
+        }
+        for name, shape in expected.items():
+            if self.captions.shape(name) != shape:
+                raise PrecomputedError(f"{self.captions.path}: {name} is {self.captions.shape(name)}, manifest {shape}")
+        embedding_shape = (self.manifest.user_embeddings, *self.manifest.embedding_shape)
+        if self.user_embeddings.shape("user_embedding") != embedding_shape:
+            raise PrecomputedError(f"{self.user_embeddings.path}: user_embedding is not {embedding_shape}")
+
+    def batch(self, rows: pa.Table | Mapping[str, Any], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Pair rows (a pyarrow table or dict of columns) -> {latents_win, latents_lose [B, C, H, W], clip_text_hidden
+        [B, S, C_t], clip_text_pooled [B, 1, C_t], user_embedding [B, L, d]}, all float32 on `device`."""
+        pairs = len(rows) if isinstance(rows, pa.Table) else len(rows["pair_id"])
+        latent_shape = (pairs, *self.manifest.latent_shape)
+        caption_index = _column_numpy(rows, "caption_index")  # [B]
+        embedding_index = _column_numpy(rows, "embedding_index")  # [B]
+        batch = {
+            "latents_win": _latents(rows, "latents_win", latent_shape),
+            "latents_lose": _latents(rows, "latents_lose", latent_shape),
+            "clip_text_hidden": self.captions.rows("clip_text_hidden", caption_index),
+            "clip_text_pooled": self.captions.rows("clip_text_pooled", caption_index),
+            "user_embedding": self.user_embeddings.rows("user_embedding", embedding_index),
+        }
+        return {key: value.to(device=device, dtype=torch.float32) for key, value in batch.items()}
+
+
+def _column_numpy(rows: pa.Table | Mapping[str, Any], name: str) -> np.ndarray:
+    column = rows.column(name) if isinstance(rows, pa.Table) else rows[name]
+    if isinstance(column, pa.ChunkedArray | pa.Array):
+        return column.to_numpy(zero_copy_only=False)
+    return np.asarray(column)
+
+
+def _latents(rows: pa.Table | Mapping[str, Any], name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    column = rows.column(name) if isinstance(rows, pa.Table) else rows[name]
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if isinstance(column, pa.Array):  # (fixed-size) list<float32>: the flat child values, no per-row objects
+        values = column.flatten().to_numpy(zero_copy_only=False)
+    else:  # numpy: a 2-D array, or an object array of 1-D arrays (Ray Data's numpy batches)
+        column = np.asarray(column)
+        values = np.stack(list(column)) if column.dtype == np.dtype(object) else column
+    values = np.asarray(values, dtype=np.float32)
+    if values.size != int(np.prod(shape)):
+        raise PrecomputedError(f"{name}: {values.size} values do not make latents of shape {list(shape)}")
+    return torch.from_numpy(values.reshape(shape).copy())  # [B, C, H, W]
+
+
+# --- schedule: micro-batches, optimiser steps, and where a resumed run picks up ------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainingSchedule:
+    """How a split's rows become optimiser steps on `world_size` workers.
+
+    Each worker receives floor(rows / world_size) rows per epoch (Ray Data's equal split) and reads them in
+    micro-batches of `micro_batch` (an incomplete last one is dropped). Micro-batches are numbered across epochs;
+    optimiser step k consumes micro-batches [k·A, (k+1)·A) of every worker (A = accumulation). Because the row order
+    is fixed by the precompute job, the micro-step number alone says which rows come next: a run resumed after step
+    k skips exactly k·A micro-batches.
+    """
+
+    micro_batches_per_epoch: int
+    accumulation: int
+    total_steps: int
+
+    @classmethod
+    def from_config(cls, train: TrainConfig, rows: int) -> TrainingSchedule:
+        """The schedule of `train` over a split of `rows` pairs; ValueError when it yields no optimiser step."""
+        per_worker = rows // train.num_workers
+        micro_batches = per_worker // train.micro_batch
+        if micro_batches == 0:
+            raise ValueError(
+                f"{rows} training pairs give each of {train.num_workers} worker(s) {per_worker} pairs, fewer than "
+                f"micro_batch={train.micro_batch}"
+            )
+        accumulation = train.grad_accumulation
+        if train.max_steps is not None:
+            total = train.max_steps
+        else:
+            total = int(train.epochs * micro_batches) // accumulation
+            if total == 0:
+                raise ValueError(
+                    f"{train.epochs} epoch(s) of {micro_batches} micro-batches per worker do not fill one optimiser "
+                    f"step of {accumulation} micro-batches (effective_batch={train.effective_batch})"
+                )
+        return cls(micro_batches, accumulation, total)
+
+    @property
+    def total_micro_steps(self) -> int:
+        return self.total_steps * self.accumulation
+
+    def position(self, micro_step: int) -> tuple[int, int]:
+        """(epoch, micro-batch index within the epoch) of micro-step `micro_step` (0-based)."""
+        return divmod(micro_step, self.micro_batches_per_epoch)
+
+
+# --- randomness ---------------------------------------------------------------------------------------------------
+
+
+def micro_batch_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
+    """The generator of t, ε and user dropout for one micro-batch: a function of (seed, micro-step, rank) only.
+
+    Neither the history of the process nor a restart changes what a given micro-batch draws, so a run resumed from
+    a checkpoint continues with exactly the draws an uninterrupted run would have made.
+    """
+    state = np.random.SeedSequence([int(seed), int(micro_step), int(rank)]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))

@@ -1,0 +1,232 @@
+"""MLflow: a real tracking server on loopback for the embedded default, run logging from rank 0, run comparison.
+
+Multi-node workers cannot share a sqlite file, so even locally every run goes through an `mlflow server` process
+(sqlite backend store, local artifact root) that this module starts and stops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from ray_jobs.common import JobError, log
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class MlflowServer:
+    """A running `mlflow server` process bound to 127.0.0.1."""
+
+    uri: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+def start_mlflow_server(root: Path, port: int | None = None, timeout_s: float = 90.0) -> MlflowServer:
+    """Start `mlflow server` with a sqlite store and artifacts under `root`; wait until /health answers."""
+    import httpx
+
+    root = Path(root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    port = port or _free_port()
+    log_path = root / "server.log"
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    with open(log_path, "ab") as log_file:
+        # A session of its own: Ctrl-C in the terminal reaches us first, and we stop the server in order.
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise JobError(f"mlflow server exited with status {process.returncode}; see {log_path}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{uri}/health", timeout=2).status_code == 200:
+                log(f"MLflow server at {uri} (store {root})")
+                return MlflowServer(uri, process, log_path)
+        time.sleep(0.5)
+    process.kill()
+    raise JobError(f"mlflow server did not answer within {timeout_s:.0f}s; see {log_path}")
+
+
+@contextlib.contextmanager
+def tracking_uri(configured: str | None, root: Path) -> Iterator[str]:
+    """The configured tracking URI, or a loopback server under `root` for as long as the block runs."""
+    if configured:
+        yield configured
+        return
+    server = start_mlflow_server(root)
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = server.uri
+    try:
+        yield server.uri
+    finally:
+        server.stop()
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+# --- runs: opened and closed by the job driver, written to by rank 0 ------------------------------------------------
+
+# MLflow accepts at most this many params per log_batch call.
+_PARAMS_PER_BATCH = 100
+
+
+def open_run(uri: str, experiment: str, run_name: str, tags: dict[str, str], resume_run_id: str | None = None) -> str:
+    """The id of a RUNNING run in `experiment`: `resume_run_id` when it exists there (a restarted job), else a new one."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    if resume_run_id:
+        try:
+            run = client.get_run(resume_run_id)
+        except MlflowException:
+            run = None
+        if run is not None and run.info.experiment_id == experiment_id:
+            client.update_run(resume_run_id, status="RUNNING")
+            return resume_run_id
+    return client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+
+
+def close_run(uri: str, run_id: str, status: str) -> None:
+    """End a run as FINISHED, FAILED or KILLED."""
+    from mlflow import MlflowClient
+
+    with _urls_to_stderr():
+        MlflowClient(tracking_uri=uri).set_terminated(run_id, status=status)
+
+
+def _urls_to_stderr():
+    # MLflow prints "View run ... at: <url>" on stdout when a run ends: useful, but stdout carries the job's result.
+    return contextlib.redirect_stdout(sys.stderr)
+
+
+class RunLogger:
+    """What rank 0 writes into the driver's run: params, per-step metrics, artifacts, the registered adapter."""
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=uri)
+        self.run_id = run_id
+
+    def started(self, params: dict[str, str]) -> None:
+        """Mark the run RUNNING (again, after a restart) and log the params it does not have yet."""
+        from mlflow.entities import Param
+
+        self.client.update_run(self.run_id, status="RUNNING")
+        logged = self.client.get_run(self.run_id).data.params
+        new = [Param(key, value) for key, value in params.items() if key not in logged]
+        for start in range(0, len(new), _PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=new[start : start + _PARAMS_PER_BATCH])
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def failed(self, error: BaseException) -> None:
+        """Record why this attempt failed; the run ends FAILED unless Ray restarts the workers and they finish."""
+        first_line = (str(error).strip().splitlines() or [""])[0][:4000]
+        self.client.set_tag(self.run_id, "ppd.last_error", f"{type(error).__name__}: {first_line}")
+        with _urls_to_stderr():
+            self.client.set_terminated(self.run_id, status="FAILED")
+
+    def log_artifacts(self, local_dir: Path, artifact_path: str) -> None:
+        self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+
+    def log_artifact(self, local_file: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(local_file), artifact_path)
+
+    def register(self, model_name: str, artifact_path: str, tags: dict[str, str]) -> str:
+        """Register `artifact_path` of this run as a version of `model_name` (once per run); returns the version."""
+        from mlflow.exceptions import MlflowException
+
+        existing = self.client.search_model_versions(f"name='{model_name}' and run_id='{self.run_id}'")
+        if existing:
+            return str(existing[0].version)
+        try:
+            self.client.create_registered_model(model_name)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        # mlflow.register_model("runs:/...") wants a logged model (MLflow 3); a plain artifact folder is registered
+        # by its artifact URI instead.
+        source = f"{self.client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
+        version = self.client.create_model_version(model_name, source=source, run_id=self.run_id, tags=tags)
+        return str(version.version)
+
+
+def compare_runs(uri: str, experiment: str, max_runs: int = 20) -> str:
+    """A side-by-side table of an experiment's runs: the params that differ, then the final metrics."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise JobError(f"no experiment named {experiment!r} at {uri}")
+    runs = client.search_runs([found.experiment_id], max_results=max_runs, order_by=["attributes.start_time ASC"])
+    if not runs:
+        return f"experiment {experiment!r} has no runs"
+    params = sorted({k for r in runs for k in r.data.params})
+    differing = [k for k in params if len({r.data.params.get(k) for r in runs}) > 1]
+    metrics = sorted({k for r in runs for k in r.data.metrics})
+    header = ["", *[r.info.run_name or r.info.run_id[:8] for r in runs]]
+    rows = [["status", *[r.info.status for r in runs]]]
+    rows += [[k, *[r.data.params.get(k, "-") for r in runs]] for k in differing]
+    rows += [[k, *[_fmt(r.data.metrics.get(k)) for r in runs]] for k in metrics]
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)) for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def dump_json(path: Path, payload: dict) -> Path:
+    path.write_text(json.dumps(payload, indent=2))
+    return path
