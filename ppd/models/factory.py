@@ -12,9 +12,6 @@ The user-embedding VLM (LLaVA-OneVision) is built and loaded by `ppd.embed`, not
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -25,6 +22,7 @@ from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 from ppd.config import ModelConfig
 from ppd.models.adapter import AdapterConfig, PersonalizedStageC, UserAdapter
 from ppd.models.codec import STAGE_C_TO_STAGE_B_SCALE, StageBADecoder, ToyCodec
+from ppd.models.local_cache import build_once
 from ppd.models.stage_c import (
     Architecture,
     build_stage_c,
@@ -45,21 +43,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def tiny_models_dir(cache_dir: str | Path) -> Path:
     """Directory of the tiny models (prior, text encoder, tokenizer, decoder, vqgan), built on first use."""
-    target = Path(cache_dir) / TINY_MODELS_VERSION
-    if (target / "prior" / "config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target and rename: concurrent builders (Ray workers) never see a half-written directory.
-    scratch = Path(tempfile.mkdtemp(prefix=f".{TINY_MODELS_VERSION}-", dir=target.parent))
-    try:
-        _save_tiny_models(scratch)
-        os.rename(scratch, target)
-    except OSError:
-        if not (target / "prior" / "config.json").exists():
-            raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return target
+    return build_once(Path(cache_dir) / TINY_MODELS_VERSION, "prior/config.json", _save_tiny_models)
 
 
 def _save_tiny_models(directory: Path) -> None:
