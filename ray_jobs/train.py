@@ -381,6 +381,23 @@ def sample_grid(cfg: PPDConfig, inputs: PrecomputedInputs, adapter_dir: Path, de
 # --- driver --------------------------------------------------------------------------------------------------------
 
 
+def _rows_of_users(paths: list[str], users: list[int]) -> int:
+    """Training pairs of `users` in the precomputed files (reads only the user_id column)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    user_ids = pq.read_table(paths, columns=["user_id"]).column("user_id").to_numpy()
+    return int(np.isin(user_ids, users).sum())
+
+
+def _keep_users(batch, users: list[int]):
+    """Ray Data stage: keep the rows of `users` (row order within a block is unchanged, so resume stays exact)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return batch.filter(pc.is_in(batch.column("user_id"), pa.array(users, batch.column("user_id").type)))
+
+
 def run(cfg: PPDConfig, precomputed: Path, out: Path, tracking: str | None = None) -> TrainResult:
     """Train `cfg.train.method` on `precomputed` into `out`; `tracking` overrides cfg.tracking.uri."""
     import ray.data
@@ -399,8 +416,15 @@ def run(cfg: PPDConfig, precomputed: Path, out: Path, tracking: str | None = Non
         )
     if "train" not in manifest.splits:
         raise JobError(f"{precomputed} has no precomputed train split")
+    train_paths = manifest.split_paths(precomputed, "train")
+    train_rows = manifest.splits["train"].rows
+    if cfg.train.users is not None:  # e.g. a per-reward DPO upper bound: one user's pairs only
+        train_rows = _rows_of_users(train_paths, cfg.train.users)
+        if train_rows == 0:
+            raise JobError(f"train.users={cfg.train.users}: none of them has a pair in {precomputed}'s train split")
+        log(f"training on the {train_rows} pairs of user(s) {cfg.train.users}")
     try:
-        schedule = TrainingSchedule.from_config(cfg.train, manifest.splits["train"].rows)
+        schedule = TrainingSchedule.from_config(cfg.train, train_rows)
     except ValueError as err:
         raise JobError(str(err)) from None
     cfg = cfg.model_copy(update={"model": resolved_model_config(cfg.model)})
@@ -409,10 +433,16 @@ def run(cfg: PPDConfig, precomputed: Path, out: Path, tracking: str | None = Non
     storage = cfg.train.storage_path or str(out / "ray")
 
     init_ray()
+    columns = ["pair_id", "caption_index", "embedding_index", "latents_win", "latents_lose"]
     dataset = ray.data.read_parquet(
-        manifest.split_paths(precomputed, "train"),
+        train_paths,
         override_num_blocks=len(manifest.splits["train"].files),  # one block per file: the same split every run
-    ).select_columns(["pair_id", "caption_index", "embedding_index", "latents_win", "latents_lose"])
+    )
+    if cfg.train.users is not None:
+        dataset = dataset.map_batches(
+            _keep_users, fn_kwargs={"users": cfg.train.users}, batch_format="pyarrow", batch_size=None
+        )
+    dataset = dataset.select_columns(columns)
     with tracking_uri(tracking or cfg.tracking.uri, Path(cfg.tracking.local_store)) as uri:
         run_id = open_run(
             uri,

@@ -12,13 +12,22 @@ from ppd.eval.rewards import to_uint8_images
 from ppd.models.checkpoint import load_adapter, read_adapter_checkpoint
 from ppd.models.factory import build_personalized_stage_c, latent_shape, load_caption_encoder, load_decoder
 from ppd.sample import generate_images
+from ppd.train.step import population_user_embedding
 
 
 class VariantGenerator:
     """Generates images for (caption, seed, user embedding) rows with one model variant; models loaded once."""
 
-    def __init__(self, cfg: PPDConfig, adapter_dir: str | Path | None, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        cfg: PPDConfig,
+        adapter_dir: str | Path | None,
+        device: str = "cpu",
+        caption_cache_size: int | None = None,
+    ) -> None:
         self.cfg = cfg
+        # None = keep every caption (evaluation's fixed set); a server bounds it (captions come from clients).
+        self.caption_cache_size = caption_cache_size
         if adapter_dir is None:
             self.method, embedding_shape = None, (1, 1)  # the base: the adapter is built but never switched on
         else:
@@ -33,9 +42,12 @@ class VariantGenerator:
         self.latent_shape = latent_shape(cfg.model)
         self._captions: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_captions(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text states ([B, S, C_t], [B, 1, C_t]) of `captions`; each distinct caption is encoded once per model."""
         missing = sorted({c for c in captions if c not in self._captions})
         if missing:
+            if self.caption_cache_size is not None and len(self._captions) + len(missing) > self.caption_cache_size:
+                self._captions.clear()
             hidden, pooled = self.encoder.encode_captions(missing)
             self._captions.update({c: (hidden[i], pooled[i]) for i, c in enumerate(missing)})
         hidden = torch.stack([self._captions[c][0] for c in captions])  # [B, S, C_t]
@@ -49,11 +61,11 @@ class VariantGenerator:
         user_embeddings: np.ndarray | None = None,
         user_scale: float | None = None,
     ) -> np.ndarray:
-        """uint8 images [B, H, W, 3]; `user_embeddings` [B, L, d] (ignored by the base; zeros for a dpo adapter)."""
-        hidden, pooled = self._encode(captions)
+        """uint8 images [B, H, W, 3]; `user_embeddings` [B, L, d] (ignored by the base and by a dpo adapter)."""
+        hidden, pooled = self.encode_captions(captions)
         users = None
         if self.method == "dpo":
-            users = torch.zeros(len(captions), *self.embedding_shape)  # the Diffusion-DPO baseline's only "user"
+            users = population_user_embedding(len(captions), self.embedding_shape)  # Diffusion-DPO's only "user"
         elif self.method is not None:
             if user_embeddings is None:
                 raise ValueError(f"a {self.method} adapter needs user embeddings [B, L, d]")

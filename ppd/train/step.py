@@ -78,8 +78,9 @@ def training_step(
     """Loss and metrics of one (micro-)batch for `train.method`; draws randomness from `generator` if not given.
 
     - ppd: policy = adapter on with the (dropped-out) user embedding, reference = adapter off; preference loss.
-    - dpo: the Diffusion-DPO baseline under the same code: the policy always gets the ZERO user embedding, so the
-      adapter learns a single "unconditional user" shift; reference = adapter off. At inference, pass zeros.
+    - dpo: the Diffusion-DPO baseline under the same code: the policy always gets the same constant embedding
+      (`population_user_embedding`: every pair's "user" is the whole population), so the adapter learns a single
+      population-wide shift; reference = adapter off. At inference, pass the same constant.
     - sft: user-conditioned denoising loss on the preferred images only (no loser, no reference).
 
     `model` is the PersonalizedStageC itself; under DeepSpeed or DDP pass the wrapped module (`engine.module`) and
@@ -128,13 +129,23 @@ def training_step(
     return StepOutput(loss, metrics)
 
 
+def population_user_embedding(batch: int, embedding_shape: tuple[int, int]) -> torch.Tensor:
+    """The Diffusion-DPO baseline's one "user" [B, L, d]: all ones.
+
+    Not zeros: a zero embedding projects to zero user tokens (LayerNorm of the zero bias), so K' = V' = 0 and every
+    adapter gradient is exactly zero: the baseline would never move from the base model."""
+    return torch.ones(batch, *embedding_shape, dtype=torch.float32)
+
+
 def _policy_user_embedding(
     model: PersonalizedStageC, batch: Mapping[str, torch.Tensor], method: str, keep_user: torch.Tensor
 ) -> torch.Tensor:
     if method == "dpo":
         config = model.adapter.config
         pairs = batch["latents_win"].shape[0]
-        return batch["latents_win"].new_zeros(pairs, config.embedding_layers, config.embedding_dim, dtype=torch.float32)
+        return population_user_embedding(pairs, (config.embedding_layers, config.embedding_dim)).to(
+            batch["latents_win"].device
+        )
     if "user_embedding" not in batch:
         raise KeyError(f"method {method!r} needs batch['user_embedding'] [B, L, d]")
     user_embedding = batch["user_embedding"].float()  # [B, L, d]

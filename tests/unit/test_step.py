@@ -12,7 +12,13 @@ from ppd.config import TrainConfig
 from ppd.models.adapter import AdapterConfig, PersonalizedStageC, UserAdapter
 from ppd.models.schedule import add_noise, alpha_cumprod
 from ppd.models.stage_c import build_stage_c
-from ppd.train.step import PairRandomness, draw_pair_randomness, slice_batch, training_step
+from ppd.train.step import (
+    PairRandomness,
+    draw_pair_randomness,
+    population_user_embedding,
+    slice_batch,
+    training_step,
+)
 
 EMBEDDING_SHAPE = (3, 16)  # [L, d]
 
@@ -161,15 +167,27 @@ def test_dpo_baseline_ignores_user_embeddings() -> None:
     )
     no_users = {key: value for key, value in batch.items() if key != "user_embedding"}
     without_key = training_step(model, no_users, _train("dpo", pairs=4), randomness=randomness)
-    # The DPO policy is the adapter with the zero ("unconditional") user: equal to PPD with every user dropped.
-    as_ppd_dropped = training_step(
+    # The DPO policy is the adapter with one constant "population" user: PPD where every pair has that user.
+    as_ppd_population = training_step(
         model,
-        batch,
+        {**batch, "user_embedding": population_user_embedding(4, EMBEDDING_SHAPE)},
         _train("ppd", pairs=4),
-        randomness=PairRandomness(randomness.timestep_ratio, randomness.noise, torch.zeros(4, dtype=torch.bool)),
+        randomness=PairRandomness(randomness.timestep_ratio, randomness.noise, torch.ones(4, dtype=torch.bool)),
     )
     assert dpo.loss.item() == other_users.loss.item() == without_key.loss.item()
-    assert dpo.loss.item() == pytest.approx(as_ppd_dropped.loss.item(), abs=1e-7)
+    assert dpo.loss.item() == pytest.approx(as_ppd_population.loss.item(), abs=1e-7)
+
+
+def test_dpo_baseline_learns_from_the_zero_initialised_adapter() -> None:
+    # Regression: with a zero "user" the zero-initialised adapter sits at a saddle (zero tokens, zero values) where
+    # every gradient is exactly zero, so the baseline never left the base model.
+    model = _model()
+    batch = _batch(4)
+    randomness = draw_pair_randomness(4, (12, 8, 8), 0.0, torch.Generator().manual_seed(6))
+    training_step(model, batch, _train("dpo", pairs=4), randomness=randomness).loss.backward()
+    value_grads = [kv.to_v.weight.grad for kv in model.adapter.user_kv.values()]
+    assert all(g is not None for g in value_grads)
+    assert sum(float(g.abs().sum()) for g in value_grads) > 0
 
 
 def test_sft_is_the_denoising_error_on_winners_only() -> None:
