@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ATTRIBUTES: tuple[str, ...] = ("brightness", "saturation", "centredness", "warmth", "size")
 
@@ -179,16 +179,133 @@ class EvalConfig(_Section):
     judge: Literal["oracle", "openai"] = "oracle"
     judge_base_url: str | None = None
     judge_model: str | None = None
+    judge_api_key_env: str = Field(
+        "OPENAI_API_KEY", description="env var holding the judge endpoint's API key (unset = no auth header)"
+    )
+    judge_pairs: int = Field(200, ge=1, description="held-out pairs the judge is scored on (paper B.3)")
+    judge_split: Literal["test_seen", "test_unseen"] = Field(
+        "test_unseen", description="split whose held-out pairs (and users) the judge is scored on"
+    )
+    image_rewards: tuple[Literal["clip_score", "aesthetic", "hps"], ...] = Field(
+        ("clip_score", "aesthetic", "hps"), description="real-image rewards loaded by load_image_rewards"
+    )
+    reward_batch_size: int = Field(32, ge=1, description="images per reward-model forward")
+    clip_score_path: str | None = Field(
+        None,
+        description="CLIPModel folder (safetensors) for the CLIP score, e.g. laion/CLIP-ViT-H-14-laion2B-s32B-b79K; "
+        "None = tiny local CLIP with random weights",
+    )
+    aesthetic_clip_path: str | None = Field(
+        None,
+        description="CLIP ViT-L/14 folder under the aesthetic head (openai/clip-vit-large-patch14); None = tiny CLIP",
+    )
+    aesthetic_head_path: str | None = Field(
+        None,
+        description="LAION sac+logos+ava1-l14-linearMSE head converted to .safetensors; None = the tiny CLIP's head",
+    )
+    hps_path: str | None = Field(
+        None, description="HPSv2 (OpenCLIP ViT-H/14) converted to a CLIPModel folder; None = tiny local CLIP"
+    )
+
+
+class ServeLimits(_Section):
+    """What one HTTP request may ask for; anything beyond is a 4xx naming the field, never a 5xx."""
+
+    max_body_bytes: int = Field(2 * 2**20, ge=1024, description="request body cap in bytes (413 beyond)")
+    max_image_bytes: int = Field(256 * 2**10, ge=64, description="one decoded image's bytes (413 beyond)")
+    max_image_pixels: int = Field(
+        1024 * 1024, ge=1, description="width x height of one image (checked before decoding)"
+    )
+    max_caption_chars: int = Field(300, ge=1, description="caption length in characters after stripping")
+    max_steps: int = Field(50, ge=1, description="sampler steps per request")
+    max_images: int = Field(4, ge=1, description="images per request")
+    max_guidance: float = Field(20.0, gt=0, description="text guidance scale")
+    max_user_scale: float = Field(4.0, gt=0, description="user scale s")
+    max_mix_users: int = Field(8, ge=2, description="users in one weighted mix")
+
+
+class AutoscalingSpec(_Section):
+    """Serve autoscaling of one deployment (replaces a fixed replica count)."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(8.0, gt=0, description="requests per replica the autoscaler aims for")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas={self.min_replicas} > max_replicas={self.max_replicas}")
+        return self
+
+
+class DeploymentSpec(_Section):
+    """Replicas and resources of one Serve deployment (the Serve config and the RayService read these)."""
+
+    replicas: int = Field(1, ge=1, description="fixed replica count (ignored when autoscaling is set)")
+    cpus: float = Field(0.25, ge=0, description="CPUs reserved per replica")
+    gpus: float = Field(0.0, ge=0, description="GPUs reserved per replica")
+    max_ongoing_requests: int = Field(16, ge=1, description="requests one replica works on at once")
+    max_queued_requests: int = Field(
+        -1, ge=-1, description="requests a caller may queue for this deployment before 503 (-1 = unbounded)"
+    )
+    autoscaling: AutoscalingSpec | None = None
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments of Serve's `Deployment.options` (kept here so every entry point applies the same)."""
+        options: dict[str, Any] = {
+            "ray_actor_options": {"num_cpus": self.cpus, "num_gpus": self.gpus},
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+        }
+        if self.autoscaling is None:
+            options["num_replicas"] = self.replicas
+        else:
+            options["autoscaling_config"] = self.autoscaling.model_dump()
+        return options
 
 
 class ServeConfig(_Section):
-    """Ray Serve application."""
+    """Ray Serve application: Ingress (HTTP) -> Embedder -> Generator, plus the single-replica user store.
 
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-    max_batch_size: int = Field(8, ge=1)
-    batch_wait_timeout_s: float = Field(0.05, ge=0)
-    auth_token_env: str = Field("PPD_API_TOKEN", description="env var holding the bearer token")
+    The HTTP bind address is Serve's (`http_options` in serve/config.yaml); the ingress reads it at start-up to
+    decide whether auth is on (`auth: auto`).
+    """
+
+    adapter_dir: str = Field(
+        "runs/demo/runs/ppd/adapter", description="adapter checkpoint served (safetensors + JSON); `ppd demo` writes it"
+    )
+    auth: Literal["auto", "on", "off"] = Field(
+        "auto", description="bearer-token auth; auto = on when Serve's HTTP proxy binds a non-loopback address"
+    )
+    auth_token_env: str = Field("PPD_API_TOKEN", description="env var (on the ingress replicas) holding the token")
+    max_batch_size: int = Field(8, ge=1, description="generation requests of different users per sampler call")
+    batch_wait_timeout_s: float = Field(0.05, ge=0, description="how long a batch waits to fill")
+    request_timeout_s: float = Field(
+        120.0, gt=0, description="the ingress gives up on a downstream call after this (504), so no request hangs"
+    )
+    max_users: int = Field(100_000, ge=1, description="user handles kept in memory (oldest dropped beyond)")
+    embedding_cache_size: int = Field(4096, ge=0, description="embeddings cached per Embedder replica (LRU)")
+    limits: ServeLimits = Field(default_factory=ServeLimits)
+    ingress: DeploymentSpec = Field(default_factory=lambda: DeploymentSpec(cpus=0.25, max_ongoing_requests=64))
+    embedder: DeploymentSpec = Field(default_factory=lambda: DeploymentSpec(cpus=0.25, max_ongoing_requests=16))
+    generator: DeploymentSpec = Field(default_factory=lambda: DeploymentSpec(cpus=0.5, max_ongoing_requests=32))
+
+    @field_validator("auth", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value: Any) -> Any:
+        # YAML reads a bare on/off (as in `--set serve.auth=off`) as a boolean.
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _batches_can_fill(self) -> ServeConfig:
+        # Serve never hands a replica more than max_ongoing_requests at once: at or below the batch size, batches
+        # never fill (they run at the timeout with what arrived).
+        if self.generator.max_ongoing_requests <= self.max_batch_size:
+            raise ValueError(
+                f"generator.max_ongoing_requests={self.generator.max_ongoing_requests} must exceed "
+                f"max_batch_size={self.max_batch_size}, or batches never fill"
+            )
+        return self
 
 
 class TrackingConfig(_Section):
@@ -295,7 +412,15 @@ def tiny_cpu() -> PPDConfig:
         model=ModelConfig(architecture="tiny", latent_size=8),
         embed=EmbedConfig(embedder="pairdiff", max_new_tokens=48, batch_size=8),
         train=TrainConfig(
-            lr=5e-4, beta=2.0, num_workers=1, micro_batch=32, effective_batch=32, max_steps=600, checkpoint_every=200
+            lr=5e-4,
+            beta=2.0,
+            num_workers=1,
+            micro_batch=32,
+            effective_batch=32,
+            max_steps=400,
+            checkpoint_every=200,
+            upper_bound_steps=120,
+            cpus_per_worker=0.5,  # 2-CPU box: leave a core to Ray Data's readers, or the input pipeline stalls
         ),
         eval=EvalConfig(inference_steps=20),
     )
@@ -312,10 +437,30 @@ def smoke() -> PPDConfig:
             "train.micro_batch=8",
             "train.effective_batch=8",
             "train.max_steps=10",
+            "train.upper_bound_steps=3",
+            "train.cpus_per_worker=0.5",
             "eval.captions=2",
+            "eval.users_per_split=4",
+            "eval.captions_per_user=2",
+            "eval.bootstrap_samples=200",
             "eval.seeds_per_caption=1",
             "eval.inference_steps=4",
         ]
+    )
+
+
+def llava_onevision_7b_vllm() -> EmbedConfig:
+    """The paper's embedder at scale: LLaVA-OneVision 7B (chat) on vLLM in bf16, one H100 per actor, 8 actors,
+    final-token states of all 29 layers (embeddings + 28) = [29, 3584] per few-shot group."""
+    return EmbedConfig(
+        embedder="vlm-vllm",
+        vlm_path="lmms-lab/llava-onevision-qwen2-7b-ov-chat",
+        layers="all",
+        max_new_tokens=1024,
+        batch_size=32,
+        concurrency=8,
+        gpus_per_actor=1.0,
+        dtype="bfloat16",
     )
 
 
@@ -330,15 +475,7 @@ def stage_c_lite_h100x8() -> PPDConfig:
             latent_size=24,
             dtype="bfloat16",
         ),
-        embed=EmbedConfig(
-            embedder="vlm-vllm",
-            vlm_path="lmms-lab/llava-onevision-qwen2-7b-ov-chat",
-            layers="all",
-            max_new_tokens=1024,
-            batch_size=32,
-            concurrency=8,
-            gpus_per_actor=1.0,
-        ),
+        embed=llava_onevision_7b_vllm(),
         train=TrainConfig(
             lr=3e-6, num_workers=8, use_gpu=True, micro_batch=16, effective_batch=768, epochs=1.0, precision="bf16"
         ),
@@ -347,8 +484,43 @@ def stage_c_lite_h100x8() -> PPDConfig:
 
 
 def stage_c_h100x8() -> PPDConfig:
-    """The full 3.6B Stage C on 8 x H100 (same recipe as the lite preset)."""
-    return stage_c_lite_h100x8().with_overrides(["preset=stage_c_h100x8", "model.architecture=stage_c"])
+    """The full 3.6B Stage C on 8 x H100: the lite recipe at micro-batch 8 x accumulation 12 (fits 80 GB)."""
+    # Micro-batch 8 x accumulation 12: at 16 the 3.6B's activations alone (~73 GiB, `ppd model plan`) overflow an
+    # 80 GB H100 under ZeRO-2, and the adapter cannot use gradient checkpointing.
+    return stage_c_lite_h100x8().with_overrides(
+        ["preset=stage_c_h100x8", "model.architecture=stage_c", "train.micro_batch=8"]
+    )
+
+
+def llava_ov7b_vllm_h100x8() -> PPDConfig:
+    """Stage 1 on 8 x H100: LLaVA-OneVision 7B on vLLM, bf16, one GPU per actor (the lite preset's embed section)."""
+    return stage_c_lite_h100x8().with_overrides(["preset=llava_ov7b_vllm_h100x8"])
+
+
+# Where the train job of the cluster writes its run (cluster/rayjob-train.yaml: --out); the adapter is under it.
+CLUSTER_RUN_DIR = "/mnt/shared/runs/ppd"
+
+
+def serve_lite_h100() -> PPDConfig:
+    """Ray Serve on H100s: lite Stage C + the trained adapter, one GPU per generator / VLM embedder replica.
+
+    The adapter is the cluster train job's output on shared storage; batches of up to 16 users; generators
+    autoscale from 1 to 4 replicas.
+    """
+    return stage_c_lite_h100x8().with_overrides(
+        [
+            "preset=serve_lite_h100",
+            f"serve.adapter_dir={CLUSTER_RUN_DIR}/adapter",
+            "serve.auth='on'",
+            "serve.max_batch_size=16",
+            "serve.embedder.gpus=1",
+            "serve.embedder.cpus=4",
+            "serve.generator.gpus=1",
+            "serve.generator.cpus=4",
+            "serve.generator.max_ongoing_requests=64",
+            "serve.generator.autoscaling={min_replicas: 1, max_replicas: 4, target_ongoing_requests: 16}",
+        ]
+    )
 
 
 PRESETS: dict[str, Callable[[], PPDConfig]] = {
@@ -356,6 +528,8 @@ PRESETS: dict[str, Callable[[], PPDConfig]] = {
     "smoke": smoke,
     "stage_c_lite_h100x8": stage_c_lite_h100x8,
     "stage_c_h100x8": stage_c_h100x8,
+    "llava_ov7b_vllm_h100x8": llava_ov7b_vllm_h100x8,
+    "serve_lite_h100": serve_lite_h100,
 }
 
 
