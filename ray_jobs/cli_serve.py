@@ -1,0 +1,76 @@
+"""`ppd serve`: run the Serve application of serve/config.yaml (what `serve run serve/config.yaml` runs), with overrides.
+
+The Serve config file stays the one source: its `http_options` (bind address), its application's `import_path`
+and `args`; `--set` adds PPD config overrides to `args.overrides`, `--host/--port` replace the bind address.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+
+from ppd.config import ConfigError
+
+DEFAULT_SERVE_CONFIG = Path("serve/config.yaml")
+
+
+def serve_command(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Serve config YAML")] = DEFAULT_SERVE_CONFIG,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", "-s", help="PPD config override, e.g. --set serve.adapter_dir=runs/x/ppd (repeatable)"),
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="bind address (default: the file's http_options.host)")] = None,
+    port: Annotated[int | None, typer.Option(help="port (default: the file's http_options.port)")] = None,
+    check: Annotated[bool, typer.Option("--check", help="validate the config and the adapter, then exit")] = False,
+) -> None:
+    """Serve the PPD app over HTTP (POST /v1/users, /v1/generate, /v1/personalize; OpenAPI at /docs)."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.app import AppArgs
+    from serve.generator import resolve_adapter
+
+    try:
+        schema = ServeDeploySchema.model_validate(yaml.safe_load(config.read_text()))
+    except (OSError, ValueError) as err:
+        _fail(f"{config}: not a Serve config: {err}")
+    if len(schema.applications) != 1 or schema.applications[0].import_path != "serve.app:build_app":
+        _fail(f"{config}: expected one application with import_path serve.app:build_app")
+    application = schema.applications[0]
+    if application.deployments:
+        _fail(f"{config}: set replicas and resources with serve.* overrides in args, not under deployments:")
+    args = AppArgs.model_validate(application.args or {})
+    args = args.model_copy(update={"overrides": [*args.overrides, *(overrides or [])]})
+    try:
+        cfg = args.config()
+        adapter_dir, meta = resolve_adapter(cfg)
+    except (ConfigError, OSError, ValueError) as err:
+        _fail(str(err))
+    http_options = schema.http_options.model_dump()
+    http_options.update({k: v for k, v in (("host", host), ("port", port)) if v is not None})
+    typer.echo(
+        f"serving {adapter_dir} ({meta.train_method}, base {meta.base_model}) with embedder {cfg.embed.embedder} "
+        f"on http://{http_options['host']}:{http_options['port']} (OpenAPI: /docs)"
+    )
+    if check:
+        return
+
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        ray.init(address=address, namespace="serve") if address else ray.init(namespace="serve")
+    serve.start(http_options=http_options, proxy_location=schema.proxy_location)
+    serve.run(build_app(args.model_dump()), name=application.name, route_prefix=application.route_prefix, blocking=True)
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg="red", err=True)
+    raise typer.Exit(2)
