@@ -35,12 +35,12 @@ test-fast: setup
 	$(BIN)/python -m pytest tests -m "not slow"
 
 lint: setup
-	$(BIN)/ruff check ppd ray_jobs serve tests
-	$(BIN)/ruff format --check ppd ray_jobs serve tests
+	$(BIN)/ruff check ppd ray_jobs serve tests scripts
+	$(BIN)/ruff format --check ppd ray_jobs serve tests scripts
 
 format: setup
-	$(BIN)/ruff check --fix ppd ray_jobs serve tests
-	$(BIN)/ruff format ppd ray_jobs serve tests
+	$(BIN)/ruff check --fix ppd ray_jobs serve tests scripts
+	$(BIN)/ruff format ppd ray_jobs serve tests scripts
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

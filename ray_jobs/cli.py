@@ -7,7 +7,6 @@ Pure commands (toy, config, model) call `ppd` directly; job commands run the sam
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -16,6 +15,7 @@ import typer
 from ppd.config import ATTRIBUTES, PRESETS, ConfigError, PPDConfig, load_config
 from ray_jobs.cli_embed import embed_app
 from ray_jobs.cli_model import model_app
+from ray_jobs.cli_serve import serve_command
 from ray_jobs.common import JobError, log
 
 app = typer.Typer(
@@ -28,6 +28,7 @@ config_app = typer.Typer(help="Show and check configurations.", no_args_is_help=
 app.add_typer(config_app, name="config")
 app.add_typer(model_app, name="model")
 app.add_typer(embed_app, name="embed")
+app.command("serve")(serve_command)
 
 PresetOption = Annotated[str, typer.Option("--preset", "-p", help=f"config preset: {', '.join(PRESETS)}")]
 OverrideOption = Annotated[
@@ -254,23 +255,80 @@ def runs_compare(
 
 
 @app.command()
-def demo(
-    workdir: Annotated[Path, typer.Option(help="where the toy world and prepared data go")] = Path("runs/demo"),
-    seed: Annotated[int, typer.Option(help="seed of the whole run")] = 0,
+def evaluate(
+    world: Annotated[Path, typer.Option("--world", help="toy world folder (its hidden rewards score the images)")],
+    adapters: Annotated[Path, typer.Option("--adapters", help="JSON {variant: adapter folder} (ppd, dpo, sft, ...)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for results.json, scores and plots")],
+    one_reward_prepared: Annotated[
+        Path | None, typer.Option(help="prepared one-reward users (Sec. 5.1 experiments)")
+    ] = None,
+    population_prepared: Annotated[Path | None, typer.Option(help="prepared population (Sec. 5.2)")] = None,
+    population_embeddings: Annotated[Path | None, typer.Option(help="embeddings of the population's groups")] = None,
+    classifier: Annotated[Path | None, typer.Option(help="classifier.json of `ppd embed classify`")] = None,
+    seed: Annotated[int, typer.Option(help="seed of captions, users and generation")] = 0,
     preset: PresetOption = "tiny_cpu",
     overrides: OverrideOption = None,
 ) -> None:
-    """The main job on the embedded default: toy world -> prepare (both populations), printing the accounting."""
-    start = time.monotonic()
+    """Generate, score and compare every model variant (same code as `python -m ray_jobs.evaluate`)."""
+    from ray_jobs.evaluate import main as evaluate_main
+
+    argv = ["--preset", preset, "--world", str(world), "--adapters", str(adapters), "--out", str(out)]
+    for item in overrides or []:
+        argv += ["--set", item]
+    for flag, value in (
+        ("--one-reward-prepared", one_reward_prepared),
+        ("--population-prepared", population_prepared),
+        ("--population-embeddings", population_embeddings),
+        ("--classifier", classifier),
+    ):
+        if value is not None:
+            argv += [flag, str(value)]
+    code = evaluate_main([*argv, "--seed", str(seed)])
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
+def demo(
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="where RESULTS.md, results.json and results_figures/ go")
+    ] = Path("."),
+    workdir: Annotated[
+        Path, typer.Option(help="intermediate outputs: toy world, prepared data, embeddings, runs, MLflow store")
+    ] = Path("runs/demo"),
+    seed: Annotated[int, typer.Option(help="seed of the whole run")] = 0,
+    resume: Annotated[
+        bool, typer.Option(help="keep the stages an interrupted run of the same workdir finished; run the rest")
+    ] = False,
+    render_only: Annotated[
+        bool, typer.Option(help="only rewrite RESULTS.md from the results.json in --out (no jobs run)")
+    ] = False,
+    preset: PresetOption = "tiny_cpu",
+    overrides: OverrideOption = None,
+) -> None:
+    """The main job on the embedded default: toy world -> prepare -> embed -> precompute -> train (PPD + baselines)
+    -> evaluate, each submitted as a Ray job to a local head; writes RESULTS.md and results.json into --out."""
+    from ray_jobs.demo import rerender_results, run_demo, summary_table
+
     cfg = _config(preset, overrides, [f"data.seed={seed}"])
-    typer.secho(f"== toy world ({cfg.preset}, seed {seed})", bold=True)
-    generate_toy_world(cfg, workdir / "toy", seed)
-    # The one-reward users are the Sec. 5.1 analogue: every one of them is trained on, so none is held out.
-    one_reward_cfg = cfg.with_overrides(["data.test_unseen_user_fraction=0"])
-    for population, population_cfg in (("one_reward", one_reward_cfg), ("population", cfg)):
-        typer.secho(f"== prepare {population}", bold=True)
-        run_prepare(population_cfg, workdir / "toy" / "pairs" / population, workdir / "prepared" / population)
-    typer.secho(f"== done in {time.monotonic() - start:.0f}s; outputs under {workdir}/", bold=True)
+    command = " ".join(["ppd demo", *(["--preset", preset] if preset != "tiny_cpu" else [])])
+    command += "".join(f" --set {item}" for item in overrides or [])
+    if render_only:
+        try:
+            typer.echo(f"rewrote {rerender_results(out, command)}")
+        except JobError as err:
+            _fail(str(err))
+        return
+    try:
+        results = run_demo(cfg, workdir, out, list(overrides or []), seed, command, generate_toy_world, resume)
+    except JobError as err:
+        _fail(str(err))
+    typer.echo(summary_table(results))
+    typer.secho(
+        f"== done in {results['runtime_s']:.0f}s: {out / 'RESULTS.md'}, {out / 'results.json'}; "
+        f"compare the training runs with `ppd runs compare --set tracking.local_store={workdir}/mlflow`",
+        bold=True,
+    )
 
 
 def main() -> None:

@@ -22,7 +22,16 @@ import pandas as pd
 from PIL import Image
 
 from ppd.config import ATTRIBUTES, PPDConfig
-from ppd.eval.evaluate import build_requests, decode_png, population_users, score, summarise, upper_bound_variant
+from ppd.eval.evaluate import (
+    build_requests,
+    decode_png,
+    object_diagnostics,
+    population_users,
+    score,
+    summarise,
+    upper_bound_variant,
+)
+from ppd.eval.image_rewards import score_images
 from ppd.eval.report import interpolation_plot, sample_grid, win_rate_bars
 from ppd.eval.rewards import ToyRewards
 from ray_jobs.common import JobError, config_from_args, init_ray, job_arg_parser, log
@@ -33,11 +42,14 @@ class GenerateImages:
 
     def __init__(self, config: dict, adapters: dict[str, str]) -> None:
         from ppd.eval.generate import VariantGenerator
+        from ppd.eval.image_rewards import load_image_rewards
 
         self.cfg = PPDConfig.from_dict(config)
         self.adapters = adapters
         self.generators: dict[str, VariantGenerator] = {}
         self._factory = VariantGenerator
+        # Real-image rewards (CLIP score, aesthetic, HPSv2): loaded once per actor, applied to every image made here.
+        self.image_rewards = load_image_rewards(self.cfg.eval, self.cfg.model.cache_dir)
 
     def _generator(self, variant: str):
         if variant not in self.generators:
@@ -46,6 +58,7 @@ class GenerateImages:
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         pngs: dict[int, bytes] = {}
+        reward_scores: dict[str, dict[int, float]] = {name: {} for name in self.image_rewards}
         for variant, rows in batch.groupby("variant", sort=False):
             embeddings = None
             if rows["embedding"].notna().all():
@@ -56,12 +69,15 @@ class GenerateImages:
                     ]
                 )
             images = self._generator(variant).generate(rows["caption"].tolist(), rows["seed"].tolist(), embeddings)
+            for name, values in score_images(self.image_rewards, images, rows["caption"].tolist()).items():
+                reward_scores[name].update(zip(rows["request_id"].astype(int), values.tolist(), strict=True))
             for request_id, image in zip(rows["request_id"], images, strict=True):
                 buffer = io.BytesIO()
                 Image.fromarray(image).save(buffer, format="PNG")
                 pngs[int(request_id)] = buffer.getvalue()
         ids = batch["request_id"].astype(int).tolist()
-        return pd.DataFrame({"request_id": ids, "png": [pngs[i] for i in ids]})
+        columns = {f"image_reward.{name}": [scores[i] for i in ids] for name, scores in reward_scores.items()}
+        return pd.DataFrame({"request_id": ids, "png": [pngs[i] for i in ids], **columns})
 
 
 def _read_json(path: Path | None, what: str) -> dict:
@@ -132,8 +148,18 @@ def run(
     log(f"evaluate: scoring {len(frame)} images")
     scored = score(frame.drop(columns=["png", "embedding"]), images, ToyRewards(world))
     results = summarise(cfg, scored, one_reward_ids, upper_bounds, seed)
+    image_reward_columns = [c for c in scored.columns if c.startswith("image_reward.")]
+    if image_reward_columns:  # mean of each real-image reward per model variant
+        means = scored.groupby("variant")[image_reward_columns].mean()
+        results["image_rewards"] = {
+            column.removeprefix("image_reward."): {v: float(x) for v, x in means[column].items()}
+            for column in image_reward_columns
+        }
+    results["objects"] = object_diagnostics(frame["variant"].tolist(), images, cfg.data.toy.image_size, seed)
+    if population_prepared is not None:
+        results["judge"] = _judge(cfg, world, population_prepared, seed)
     if classifier:
-        results["classifier"] = classifier
+        results["classifier"] = classifier_summary(classifier, cfg.embed.embedder)
 
     out.mkdir(parents=True, exist_ok=True)
     scored.to_parquet(out / "scores.parquet", index=False)
@@ -148,7 +174,75 @@ def run(
     results["figures"] = figures
     results["evaluate_seconds"] = time.monotonic() - began
     (out / "results.json").write_text(json.dumps(results, indent=2))
+    _track(cfg, results, out, seed)
     return results
+
+
+def classifier_summary(classifier: dict, embedder: str) -> dict:
+    """`ppd embed classify`'s output -> the results keys (top16 / chance16 at k = 16, or the largest k computed)."""
+    top_k, chance = classifier["top_k"], classifier["chance"]
+    k = "16" if "16" in top_k else max(top_k, key=int)
+    return {
+        "top16": top_k[k],
+        "chance16": chance[k],
+        "k": int(k),
+        "users": classifier.get("n_users"),
+        "embedder": classifier.get("embedder", embedder),
+        "top_k": top_k,
+        "chance": chance,
+    }
+
+
+def _judge(cfg: PPDConfig, world: Path, prepared: Path, seed: int) -> dict:
+    """Supplementary B.3: the judge on held-out population pairs, each asked in both orders, against the labels."""
+    from ppd.eval.judge_eval import evaluate_judge, judge_queries, make_judge
+
+    queries, truth = judge_queries(prepared, cfg.eval.judge_split, cfg.eval.judge_pairs, seed)
+    if not queries:
+        log(f"evaluate: no {cfg.eval.judge_split} pairs with a context group to judge; judge skipped")
+        return {}
+    try:
+        judge = make_judge(cfg, world)
+    except ValueError as err:
+        raise JobError(str(err)) from None
+    log(f"evaluate: judge {judge.backend} on {len(queries)} held-out {cfg.eval.judge_split} pairs (both orders)")
+    report = evaluate_judge(queries, truth, judge.ask, judge.backend, cfg.eval.bootstrap_samples, seed)
+    report.pop("preferred")  # per-query verdicts: long, and nothing reads them
+    return report
+
+
+def _track(cfg: PPDConfig, results: dict, out: Path, seed: int) -> None:
+    """Log the evaluation as an MLflow run: every number of results.json as a metric, results and plots as artifacts."""
+    from ray_jobs.tracking import log_finished_run, tracking_uri
+
+    metrics = {key: value for key, value in flatten_numbers(results) if key != "evaluate_seconds"}
+    artifacts = [(out / "results.json", "evaluation")]
+    artifacts += [(Path(path), "evaluation/figures") for path in results["figures"].values()]
+    with tracking_uri(cfg.tracking.uri, Path(cfg.tracking.local_store)) as uri:
+        run_id = log_finished_run(
+            uri,
+            cfg.tracking.experiment,
+            f"evaluate-seed{seed}",
+            {**cfg.flatten(), "eval.seed": str(seed)},
+            metrics,
+            artifacts,
+            tags={"ppd.job": "evaluate"},
+        )
+    log(f"evaluate: MLflow run {run_id} ({len(metrics)} metrics)")
+
+
+def flatten_numbers(tree: dict, prefix: str = "") -> list[tuple[str, float]]:
+    """Dotted keys of every number in a nested results dict (lists indexed: ci95.0, ci95.1), for MLflow metrics."""
+    items: list[tuple[str, float]] = []
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            items += flatten_numbers(value, name + ".")
+        elif isinstance(value, list | tuple):
+            items += flatten_numbers({str(i): v for i, v in enumerate(value)}, name + ".")
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            items.append((name, float(value)))
+    return items
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -183,7 +183,10 @@ def local_head(num_cpus: float = 2, *, timeout_s: float = 180) -> Iterator[Local
 
 def _start_ray(arguments: list[str], log_path: Path, num_cpus: float) -> RayNode:
     ray_cli = Path(sys.executable).with_name("ray")
-    env = {**os.environ, **AUTH_ENV, "RAY_USAGE_STATS_ENABLED": "0"}
+    # The interpreter's bin/ first on PATH: entrypoints say `python -m ray_jobs.<job>` (as documented for
+    # `ray job submit`) and must get this environment's python even when the virtualenv was never activated.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, **AUTH_ENV, "RAY_USAGE_STATS_ENABLED": "0", "PATH": path}
     memory = ["--object-store-memory", str(OBJECT_STORE_BYTES)]
     with open(log_path, "ab") as log_file:
         # A process group of its own: the node can be stopped (or killed, to simulate a crash) as one unit.

@@ -68,7 +68,9 @@ def start_mlflow_server(root: Path, port: int | None = None, timeout_s: float = 
     ]
     with open(log_path, "ab") as log_file:
         # A session of its own: Ctrl-C in the terminal reaches us first, and we stop the server in order.
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        # MLflow 3 also starts huey job-runner processes (~6 x 240 MB) for its server-side jobs, which we never use.
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -85,7 +87,10 @@ def start_mlflow_server(root: Path, port: int | None = None, timeout_s: float = 
 
 @contextlib.contextmanager
 def tracking_uri(configured: str | None, root: Path) -> Iterator[str]:
-    """The configured tracking URI, or a loopback server under `root` for as long as the block runs."""
+    """The configured tracking URI (else MLFLOW_TRACKING_URI), or a loopback server under `root` while the block runs.
+
+    The environment variable is how a driver that started a server (`ppd demo`) hands it to the jobs it submits."""
+    configured = configured or os.environ.get("MLFLOW_TRACKING_URI")
     if configured:
         yield configured
         return
@@ -196,6 +201,30 @@ class RunLogger:
         source = f"{self.client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
         version = self.client.create_model_version(model_name, source=source, run_id=self.run_id, tags=tags)
         return str(version.version)
+
+
+def log_finished_run(
+    uri: str,
+    experiment: str,
+    run_name: str,
+    params: dict[str, str],
+    metrics: dict[str, float],
+    artifacts: list[tuple[Path, str]],
+    tags: dict[str, str] | None = None,
+) -> str:
+    """One complete run (params, final metrics, artifact files) for a job that is not a training run (evaluate)."""
+    run_id = open_run(uri, experiment, run_name, tags or {})
+    logger = RunLogger(uri, run_id)
+    try:
+        logger.started(params)
+        logger.log_metrics(0, {k: v for k, v in metrics.items() if v == v})  # NaN (no data) is not a metric
+        for local_file, artifact_path in artifacts:
+            logger.log_artifact(local_file, artifact_path)
+    except BaseException as err:
+        logger.failed(err)
+        raise
+    close_run(uri, run_id, "FINISHED")
+    return run_id
 
 
 def compare_runs(uri: str, experiment: str, max_runs: int = 20) -> str:

@@ -439,8 +439,12 @@ def run(cfg: PPDConfig, precomputed: Path, out: Path, tracking: str | None = Non
         override_num_blocks=len(manifest.splits["train"].files),  # one block per file: the same split every run
     )
     if cfg.train.users is not None:
-        dataset = dataset.map_batches(
-            _keep_users, fn_kwargs={"users": cfg.train.users}, batch_format="pyarrow", batch_size=None
+        # A few users' pairs are small: read and filter them once (in order), not again in every epoch.
+        ray.data.DataContext.get_current().execution_options = _ordered_execution()
+        dataset = (
+            dataset.select_columns([*columns, "user_id"])
+            .map_batches(_keep_users, fn_kwargs={"users": cfg.train.users}, batch_format="pyarrow", batch_size=None)
+            .materialize()
         )
     dataset = dataset.select_columns(columns)
     with tracking_uri(tracking or cfg.tracking.uri, Path(cfg.tracking.local_store)) as uri:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import base64
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -26,6 +27,7 @@ class JudgeQuery:
     caption: str
     image_a: bytes
     image_b: bytes
+    user_id: int | None = None  # whose taste is judged; backends that know users (the toy oracle) read it
 
 
 # A judge answers 0 (first image shown) or 1 (second image shown), or None when its answer cannot be parsed.
@@ -120,9 +122,19 @@ def chat_messages(query: JudgeQuery, swapped: bool) -> list[dict]:
 
 
 def openai_judge(
-    base_url: str, model: str, api_key: str | None = None, timeout_s: float = 120.0, max_tokens: int = 8
+    base_url: str,
+    model: str,
+    api_key: str | None = None,
+    timeout_s: float = 120.0,
+    max_tokens: int = 8,
+    temperature: float = 0.0,
+    extra_body: Mapping[str, Any] | None = None,
 ) -> Callable[[JudgeQuery, bool], Verdict]:
-    """A judge backed by an OpenAI-compatible `/v1/chat/completions` endpoint (greedy, short answers)."""
+    """A judge backed by an OpenAI-compatible `/v1/chat/completions` endpoint (greedy, short answers by default).
+
+    `extra_body` adds request fields, e.g. vLLM's `{"structured_outputs": {"choice": ["1", "2"]}}` to restrict the
+    answer to the two verdicts.
+    """
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -134,8 +146,9 @@ def openai_judge(
             json={
                 "model": model,
                 "messages": chat_messages(query, swapped),
-                "temperature": 0.0,
+                "temperature": temperature,
                 "max_tokens": max_tokens,
+                **(extra_body or {}),
             },
         )
         response.raise_for_status()

@@ -120,7 +120,9 @@ def _check(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
 
-def render_results_markdown(results: dict, figures: dict[str, str], command: str) -> str:
+def render_results_markdown(
+    results: dict, figures: dict[str, str], command: str, investigation: str | None = None
+) -> str:
     """RESULTS.md: the numbers of one `ppd demo` run, against the targets and the paper."""
     lines = [
         "# Results: toy-world replication of PPD",
@@ -205,6 +207,36 @@ def render_results_markdown(results: dict, figures: dict[str, str], command: str
             f"{_pct(judge['accuracy'])} (paper's VLM judge: 83%), dropped as inconsistent {_pct(judge['dropped_share'])}.",
             "",
         ]
+    objects = results.get("objects")
+    if objects:
+        lines += [
+            "## Does the model draw the object?",
+            "",
+            "Share of generated images with an object (foreground at least half the area of the toy world's "
+            "smallest object) and the mean object size, against the toy world's own renders. Size and centredness "
+            "rewards can only move where objects are drawn.",
+            "",
+            "| images of | with an object | mean size |",
+            "| --- | --- | --- |",
+        ]
+        for name, entry in objects.items():
+            lines.append(f"| {name} | {_pct(entry['object_rate'])} | {entry['mean_size']:.3f} |")
+        lines.append("")
+    image_rewards = results.get("image_rewards")
+    if image_rewards:
+        variants = sorted({v for means in image_rewards.values() for v in means})
+        lines += [
+            "## Real-image rewards",
+            "",
+            "Mean CLIP score / LAION aesthetic / HPSv2 per model, computed by the same code that scores real images; "
+            "with the locally built tiny random encoders of the toy world these numbers only show the plumbing.",
+            "",
+            "| reward | " + " | ".join(variants) + " |",
+            "| --- |" + " --- |" * len(variants),
+        ]
+        for name, means in image_rewards.items():
+            lines.append(f"| {name} | " + " | ".join(f"{means.get(v, float('nan')):.3f}" for v in variants) + " |")
+        lines.append("")
     if figures:
         lines += ["## Figures", ""]
         lines += [f"![{name}]({path})" for name, path in figures.items()]
@@ -212,4 +244,6 @@ def render_results_markdown(results: dict, figures: dict[str, str], command: str
     notes = results.get("notes")
     if notes:
         lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
+    if investigation:
+        lines += [investigation.strip(), ""]
     return "\n".join(lines)

@@ -33,7 +33,10 @@ def _adapter(cfg, folder, method, value_scale):
 def test_evaluate_scores_every_variant_and_writes_results(
     ray_local, toy_world, one_reward_prepared, smoke_config, tmp_path
 ):
-    cfg = smoke_config.with_overrides(["eval.captions=2", "eval.seeds_per_caption=2", "eval.inference_steps=3"])
+    store = tmp_path / "mlflow"
+    cfg = smoke_config.with_overrides(
+        ["eval.captions=2", "eval.seeds_per_caption=2", "eval.inference_steps=3", f"tracking.local_store={store}"]
+    )
     adapters = {
         "ppd": _adapter(cfg, tmp_path / "ppd", "ppd", 0.0),  # zero-init adapter == the base model
         "dpo": _adapter(cfg, tmp_path / "dpo", "dpo", 0.5),
@@ -52,9 +55,21 @@ def test_evaluate_scores_every_variant_and_writes_results(
     brightness = results["one_reward"]["brightness"]["mean"]
     # a user-conditioned adapter with non-zero W'_v changes the images...
     assert brightness["sft"] != pytest.approx(brightness["base"])
-    # ...but an untrained projection maps the zero user (what a dpo adapter is sampled with) to zero tokens: no change
-    assert brightness["dpo"] == pytest.approx(brightness["base"])
+    # ...and so does one sampled with the Diffusion-DPO baseline's constant "population" user
+    assert brightness["dpo"] != pytest.approx(brightness["base"])
     assert not math.isnan(brightness["dpo_upper"]) and math.isnan(results["one_reward"]["size"]["mean"]["dpo_upper"])
     assert set(results["interpolation"]) == set(ATTRIBUTES)
     for name in ("samples.png", "win_rates.png", "interpolation.png", "scores.parquet"):
         assert (tmp_path / "eval" / name).stat().st_size > 0
+
+    # the evaluation is an MLflow run with the numbers of results.json as metrics and the plots as artifacts
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
+    (run_info,) = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    assert run_info.info.status == "FINISHED"
+    metrics = run_info.data.metrics
+    assert metrics["one_reward.brightness.mean.sft"] == pytest.approx(brightness["sft"])
+    assert metrics["one_reward.size.win_rate_vs_base.value"] == 0.5
+    logged = {f.path for f in client.list_artifacts(run_info.info.run_id, "evaluation")}
+    assert "evaluation/results.json" in logged

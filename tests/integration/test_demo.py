@@ -1,0 +1,75 @@
+"""`ppd demo --preset smoke`: the whole chain as Ray jobs on a local head, ending in a well-formed results file."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ppd.config import ATTRIBUTES
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _estimate_ok(est: dict) -> bool:
+    low, high = est["ci95"]
+    return 0.0 <= low <= est["value"] <= high <= 1.0
+
+
+@pytest.mark.slow
+def test_smoke_demo_runs_every_stage_and_writes_results(tmp_path):
+    out, workdir = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": ""}  # the demo must start (and stop) its own server
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ray_jobs.cli",
+            "demo",
+            "--preset",
+            "smoke",
+            "--out",
+            str(out),
+            "--workdir",
+            str(workdir),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["preset"] == "smoke" and results["seed"] == 0 and results["runtime_s"] > 0
+    for attribute in ATTRIBUTES:
+        entry = results["one_reward"][attribute]
+        assert _estimate_ok(entry["win_rate_vs_base"])
+        assert set(entry["mean"]) >= {"base", "dpo", "sft", "ppd", "dpo_upper"}
+        assert all(math.isfinite(entry["mean"][k]) for k in ("base", "dpo", "sft", "ppd", "dpo_upper"))
+        assert -1.0 <= results["interpolation"][attribute]["spearman"] <= 1.0
+    for split in ("test_seen", "test_unseen"):
+        assert _estimate_ok(results["population"][split]["win_rate_vs_base"])
+    assert 0.0 < results["classifier"]["chance16"] <= 1.0 and 0.0 <= results["classifier"]["top16"] <= 1.0
+
+    markdown = (out / "RESULTS.md").read_text()
+    assert "Do not edit by hand" in markdown and "ppd demo --preset smoke" in markdown
+    for link in results["figures"].values():  # the Markdown's image links resolve next to it
+        assert (out / link).is_file() and f"]({link})" in markdown
+    # every training run (9) and the evaluation reached the demo's MLflow store and ended FINISHED
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("ppd")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 3 + len(ATTRIBUTES) + 1 + 1
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    # the demo stopped what it started: no Ray head or MLflow server of its own is left
+    leftovers = subprocess.run(["pgrep", "-f", str(workdir / "mlflow")], capture_output=True, text=True).stdout
+    assert leftovers.strip() == ""
