@@ -272,7 +272,8 @@ class ServeConfig(_Section):
     """
 
     adapter_dir: str = Field(
-        "runs/demo/runs/ppd/adapter", description="adapter checkpoint served (safetensors + JSON); `ppd demo` writes it"
+        "runs/demo/runs/ppd_population/adapter",
+        description="adapter checkpoint served (safetensors + JSON); `ppd demo` writes it",
     )
     auth: Literal["auto", "on", "off"] = Field(
         "auto", description="bearer-token auth; auto = on when Serve's HTTP proxy binds a non-loopback address"

@@ -233,6 +233,7 @@ app.add_typer(runs_app, name="runs")
 @runs_app.command("compare")
 def runs_compare(
     experiment: Annotated[str | None, typer.Option(help="MLflow experiment (default: the preset's)")] = None,
+    evaluations: Annotated[bool, typer.Option(help="also list evaluation runs (every results number)")] = False,
     uri: Annotated[
         str | None, typer.Option("--tracking-uri", help="MLflow tracking URI (default: config, else the local store)")
     ] = None,
@@ -249,7 +250,7 @@ def runs_compare(
         _fail(f"no MLflow store at {store} (train a run first, or pass --tracking-uri)")
     try:
         with tracking_uri(uri, store) as served:
-            typer.echo(compare_runs(served, experiment or cfg.tracking.experiment))
+            typer.echo(compare_runs(served, experiment or cfg.tracking.experiment, include_evaluations=evaluations))
     except JobError as err:
         _fail(str(err))
 

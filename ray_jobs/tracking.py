@@ -227,8 +227,14 @@ def log_finished_run(
     return run_id
 
 
-def compare_runs(uri: str, experiment: str, max_runs: int = 20) -> str:
-    """A side-by-side table of an experiment's runs: the params that differ, then the final metrics."""
+# Params that differ between runs without being a setting (where the job's uploaded copy of the repo lived).
+_LOCATION_PARAMS = {"model.cache_dir", "model.stage_c_path", "model.decoder_path", "train.storage_path"}
+
+
+def compare_runs(uri: str, experiment: str, max_runs: int = 20, include_evaluations: bool = False) -> str:
+    """A side-by-side table of an experiment's training runs: the params that differ, then the final metrics.
+
+    Evaluation runs (hundreds of metrics each) are left out unless `include_evaluations`."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
@@ -236,19 +242,25 @@ def compare_runs(uri: str, experiment: str, max_runs: int = 20) -> str:
     if found is None:
         raise JobError(f"no experiment named {experiment!r} at {uri}")
     runs = client.search_runs([found.experiment_id], max_results=max_runs, order_by=["attributes.start_time ASC"])
+    if not include_evaluations:
+        runs = [r for r in runs if r.data.tags.get("ppd.job") != "evaluate"]
     if not runs:
         return f"experiment {experiment!r} has no runs"
     params = sorted({k for r in runs for k in r.data.params})
-    differing = [k for k in params if len({r.data.params.get(k) for r in runs}) > 1]
+    differing = [k for k in params if len({r.data.params.get(k) for r in runs}) > 1 and k not in _LOCATION_PARAMS]
     metrics = sorted({k for r in runs for k in r.data.metrics})
     header = ["", *[r.info.run_name or r.info.run_id[:8] for r in runs]]
     rows = [["status", *[r.info.status for r in runs]]]
-    rows += [[k, *[r.data.params.get(k, "-") for r in runs]] for k in differing]
+    rows += [[k, *[_short(r.data.params.get(k, "-")) for r in runs]] for k in differing]
     rows += [[k, *[_fmt(r.data.metrics.get(k)) for r in runs]] for k in metrics]
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)) for row in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _short(text: str, width: int = 24) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _fmt(value: float | None) -> str:

@@ -50,7 +50,7 @@ def resolve_adapter(cfg: PPDConfig) -> tuple[Path, AdapterCheckpointMeta]:
     directory = Path(cfg.serve.adapter_dir).expanduser().resolve()
     if not directory.exists():
         raise AdapterMissing(
-            f"no adapter at {directory}: run `ppd demo` first (it writes runs/demo/runs/ppd/adapter) "
+            f"no adapter at {directory}: run `ppd demo` first (it writes runs/demo/runs/ppd_population/adapter) "
             "or pass serve.adapter_dir=<an adapter checkpoint directory>"
         )
     meta, _ = read_adapter_checkpoint(directory)
