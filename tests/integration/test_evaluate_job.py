@@ -71,5 +71,6 @@ def test_evaluate_scores_every_variant_and_writes_results(
     metrics = run_info.data.metrics
     assert metrics["one_reward.brightness.mean.sft"] == pytest.approx(brightness["sft"])
     assert metrics["one_reward.size.win_rate_vs_base.value"] == 0.5
-    logged = {f.path for f in client.list_artifacts(run_info.info.run_id, "evaluation")}
-    assert "evaluation/results.json" in logged
+    # artifacts went through the (now stopped) server into its artifact root, under this run's id
+    logged = list(store.glob(f"artifacts/**/{run_info.info.run_id}/**/evaluation/results.json"))
+    assert len(logged) == 1 and json.loads(logged[0].read_text())["one_reward"] == on_disk["one_reward"]

@@ -92,7 +92,8 @@ def _first_rows(inputs, count: int):
     from ppd.train.data import PrecomputedManifest
 
     manifest = PrecomputedManifest.read(inputs.precomputed)
-    return pq.read_table(manifest.split_paths(inputs.precomputed, "train")[0]).slice(0, count)
+    # all files: how many rows the first one holds depends on Ray Data's blocks (it can be fewer than `count`)
+    return pq.read_table(manifest.split_paths(inputs.precomputed, "train")).slice(0, count)
 
 
 def test_zero3_partitions_and_still_trains(smoke_config, inputs, tracking, tmp_path):
