@@ -87,32 +87,13 @@ class LocalCluster:
     temp_dir: Path
     head: RayNode
     nodes: list[RayNode] = field(default_factory=list)
+    nodes_started: int = 0  # names each node's log: a new log per node, even after others were killed
 
     def add_node(self, num_cpus: float, timeout_s: float = 120) -> RayNode:
         """Start a worker node with `num_cpus` logical CPUs; returns once it has joined the cluster."""
-        node_manager, object_manager, metrics, agent, agent_grpc, runtime_env = _free_ports(6)
-        command = [
-            "--address",
-            self.gcs_address,
-            "--num-cpus",
-            str(num_cpus),
-            "--node-ip-address",
-            "127.0.0.1",
-            "--node-manager-port",
-            str(node_manager),
-            "--object-manager-port",
-            str(object_manager),
-            "--metrics-export-port",
-            str(metrics),
-            "--dashboard-agent-listen-port",
-            str(agent),
-            "--dashboard-agent-grpc-port",
-            str(agent_grpc),
-            "--runtime-env-agent-port",
-            str(runtime_env),
-            *_RANDOM_WORKER_PORTS,
-        ]
-        node = _start_ray(command, self.temp_dir / f"node-{len(self.nodes)}-{node_manager}.log", num_cpus)
+        command = ["--address", self.gcs_address, *_node_arguments(num_cpus)]
+        self.nodes_started += 1
+        node = _start_ray(command, self.temp_dir / f"node-{self.nodes_started}.log", num_cpus)
         self.nodes.append(node)
         # `ray start` prints this once its raylet has registered with the head.
         _wait_for(lambda: _STARTED in _log_tail(node, None), timeout_s, f"a node with {num_cpus} CPU(s) to join", node)
@@ -138,13 +119,9 @@ def local_head(num_cpus: float = 2, *, timeout_s: float = 180) -> Iterator[Local
     """
     # Short path: Ray's socket paths under it must stay below the 107-character limit of Unix sockets.
     temp_dir = Path(tempfile.mkdtemp(prefix="ppd-ray-", dir="/tmp"))
-    gcs, dashboard, client, node_manager, object_manager, metrics, agent, agent_grpc, runtime_env = _free_ports(9)
+    gcs, dashboard, client = _free_ports(3)
     command = [
         "--head",
-        "--num-cpus",
-        str(num_cpus),
-        "--node-ip-address",
-        "127.0.0.1",
         "--port",
         str(gcs),
         "--dashboard-host",
@@ -153,19 +130,7 @@ def local_head(num_cpus: float = 2, *, timeout_s: float = 180) -> Iterator[Local
         str(dashboard),
         "--ray-client-server-port",
         str(client),
-        "--node-manager-port",
-        str(node_manager),
-        "--object-manager-port",
-        str(object_manager),
-        "--metrics-export-port",
-        str(metrics),
-        "--dashboard-agent-listen-port",
-        str(agent),
-        "--dashboard-agent-grpc-port",
-        str(agent_grpc),
-        "--runtime-env-agent-port",
-        str(runtime_env),
-        *_RANDOM_WORKER_PORTS,
+        *_node_arguments(num_cpus),
         "--temp-dir",
         str(temp_dir),
         "--disable-usage-stats",
@@ -179,6 +144,30 @@ def local_head(num_cpus: float = 2, *, timeout_s: float = 180) -> Iterator[Local
     finally:
         cluster.stop()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _node_arguments(num_cpus: float) -> list[str]:
+    """What every `ray start` here passes, head or worker: its CPUs, loopback, and free ports of its own."""
+    node_manager, object_manager, metrics, agent, agent_grpc, runtime_env = _free_ports(6)
+    return [
+        "--num-cpus",
+        str(num_cpus),
+        "--node-ip-address",
+        "127.0.0.1",
+        "--node-manager-port",
+        str(node_manager),
+        "--object-manager-port",
+        str(object_manager),
+        "--metrics-export-port",
+        str(metrics),
+        "--dashboard-agent-listen-port",
+        str(agent),
+        "--dashboard-agent-grpc-port",
+        str(agent_grpc),
+        "--runtime-env-agent-port",
+        str(runtime_env),
+        *_RANDOM_WORKER_PORTS,
+    ]
 
 
 def _start_ray(arguments: list[str], log_path: Path, num_cpus: float) -> RayNode:

@@ -11,14 +11,8 @@ import pytest
 from ppd.train.data import CAPTIONS_FILE, EMBEDDINGS_FILE, PrecomputedManifest
 from ray_jobs.common import JobError
 from ray_jobs.submit import local_head, submit_and_wait
-from tests.integration.test_train_inputs import stage2_inputs
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def inputs(ray_local, tmp_path_factory, toy_world, smoke_config):
-    return stage2_inputs(tmp_path_factory, toy_world, smoke_config)
 
 
 @pytest.mark.slow

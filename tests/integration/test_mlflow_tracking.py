@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 from PIL import Image
@@ -17,13 +16,9 @@ from typer.testing import CliRunner
 from ppd.models.checkpoint import read_adapter_checkpoint
 from ppd.train.data import PrecomputedManifest
 from ray_jobs.cli import app
-from ray_jobs.tracking import start_mlflow_server
 from tests.integration.test_train_inputs import (
     BASELINE_OVERRIDES,
     baseline_config,
-    baseline_run,
-    mlflow_store,
-    stage2_inputs,
 )
 
 HEALTH_METRICS = (
@@ -37,23 +32,6 @@ HEALTH_METRICS = (
     "lr",
     "pairs_per_s",
 )
-
-
-@pytest.fixture(scope="module")
-def inputs(ray_local, tmp_path_factory, toy_world, smoke_config):
-    return stage2_inputs(tmp_path_factory, toy_world, smoke_config)
-
-
-@pytest.fixture(scope="module")
-def tracking(tmp_path_factory):
-    server = start_mlflow_server(mlflow_store(tmp_path_factory))
-    yield server.uri
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory, smoke_config, inputs, tracking):
-    return baseline_run(tmp_path_factory, smoke_config, inputs, tracking)
 
 
 def test_a_run_has_its_params_metric_history_artifacts_and_a_model_version(baseline, smoke_config, tracking, tmp_path):

@@ -14,33 +14,12 @@ from safetensors.torch import load_file
 from ppd.models.checkpoint import load_adapter
 from ppd.models.factory import build_personalized_stage_c
 from ppd.train.data import PrecomputedInputs
-from ray_jobs.tracking import start_mlflow_server
 from ray_jobs.train import TRAIN_STATE_FILE, frozen_base_digest
 from ray_jobs.train import run as train
 from tests.integration.test_train_inputs import (
     EMBEDDING_SHAPE,
     baseline_config,
-    baseline_run,
-    mlflow_store,
-    stage2_inputs,
 )
-
-
-@pytest.fixture(scope="module")
-def inputs(ray_local, tmp_path_factory, toy_world, smoke_config):
-    return stage2_inputs(tmp_path_factory, toy_world, smoke_config)
-
-
-@pytest.fixture(scope="module")
-def tracking(tmp_path_factory):
-    server = start_mlflow_server(mlflow_store(tmp_path_factory))
-    yield server.uri
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory, smoke_config, inputs, tracking):
-    return baseline_run(tmp_path_factory, smoke_config, inputs, tracking)
 
 
 def _fresh_model(cfg, seed: int):

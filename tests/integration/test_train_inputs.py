@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -110,11 +109,6 @@ def mlflow_store(tmp_path_factory) -> Path:
 
 
 # --- the precompute job ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def inputs(ray_local, tmp_path_factory, toy_world, smoke_config) -> Stage2Inputs:
-    return stage2_inputs(tmp_path_factory, toy_world, smoke_config)
 
 
 def _decode(png: bytes) -> torch.Tensor:

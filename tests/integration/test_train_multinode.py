@@ -14,27 +14,9 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from ray_jobs.submit import local_head, submit_job, wait_for_job
-from ray_jobs.tracking import start_mlflow_server
-from tests.integration.test_train_inputs import BASELINE_OVERRIDES, baseline_run, mlflow_store, stage2_inputs
+from tests.integration.test_train_inputs import BASELINE_OVERRIDES
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def inputs(ray_local, tmp_path_factory, toy_world, smoke_config):
-    return stage2_inputs(tmp_path_factory, toy_world, smoke_config)
-
-
-@pytest.fixture(scope="module")
-def tracking(tmp_path_factory):
-    server = start_mlflow_server(mlflow_store(tmp_path_factory))
-    yield server.uri
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory, smoke_config, inputs, tracking):
-    return baseline_run(tmp_path_factory, smoke_config, inputs, tracking)
 
 
 def _checkpointed_steps(storage: Path) -> list[int]:

@@ -1,0 +1,29 @@
+"""Stage-2 fixtures shared by the training, tracking and Jobs API tests (module-scoped, as each module had them).
+
+The expensive outputs behind them (precomputed inputs, the baseline run) are cached per session by the plain
+functions in `test_train_inputs`; the fixtures only wire them up and own the module's MLflow server.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from ray_jobs.tracking import start_mlflow_server
+from tests.integration.test_train_inputs import Stage2Inputs, baseline_run, mlflow_store, stage2_inputs
+
+
+@pytest.fixture(scope="module")
+def inputs(ray_local, tmp_path_factory, toy_world, smoke_config) -> Stage2Inputs:
+    return stage2_inputs(tmp_path_factory, toy_world, smoke_config)
+
+
+@pytest.fixture(scope="module")
+def tracking(tmp_path_factory):
+    server = start_mlflow_server(mlflow_store(tmp_path_factory))
+    yield server.uri
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, smoke_config, inputs, tracking):
+    return baseline_run(tmp_path_factory, smoke_config, inputs, tracking)
