@@ -3,8 +3,9 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# DeepSpeed JIT-builds ops on first use: keep them in a persistent cache so only the first run pays.
-export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/ppd/torch_extensions
+# DeepSpeed JIT-builds ops on first use: keep them in a persistent cache so only the first run pays. Inside the clone
+# (git-ignored), never in $HOME: nothing here may depend on what a person keeps in their home directory.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 # Nothing in this project downloads a model: make any accidental hub access fail loudly.
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -25,8 +26,9 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# `make demo DEMO_ARGS="--preset smoke"`: the same command at another size (CI runs it so).
 demo: setup
-	$(BIN)/ppd demo
+	$(BIN)/ppd demo $(DEMO_ARGS)
 
 test: setup
 	$(BIN)/python -m pytest tests

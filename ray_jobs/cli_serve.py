@@ -6,7 +6,6 @@ and `args`; `--set` adds PPD config overrides to `args.overrides`, `--host/--por
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -59,14 +58,16 @@ def serve_command(
     if check:
         return
 
-    import ray
     from ray import serve
 
+    from ray_jobs.common import JobError
+    from ray_jobs.ray_auth import start_or_connect
     from serve.app import build_app
 
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        ray.init(address=address, namespace="serve") if address else ray.init(namespace="serve")
+    try:
+        start_or_connect(namespace="serve")  # RAY_ADDRESS with your token, else a local Ray with a private one
+    except JobError as err:
+        _fail(str(err))
     serve.start(http_options=http_options, proxy_location=schema.proxy_location)
     serve.run(build_app(args.model_dump()), name=application.name, route_prefix=application.route_prefix, blocking=True)
 

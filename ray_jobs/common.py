@@ -49,14 +49,12 @@ def config_from_args(args: argparse.Namespace) -> PPDConfig:
 
 def init_ray() -> None:
     """Connect to the cluster this job was submitted to (RAY_ADDRESS), or start a local Ray."""
-    import ray
+    from ray_jobs.ray_auth import start_or_connect
 
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        if address:  # submitted with `ray job submit`, or pointed at a running head
-            ray.init(address=address, logging_level="WARNING")
-        else:
-            ray.init(include_dashboard=False, logging_level="WARNING")
+    if os.environ.get("RAY_ADDRESS"):  # submitted with `ray job submit`, or pointed at a running head
+        start_or_connect(logging_level="WARNING")
+    else:
+        start_or_connect(include_dashboard=False, logging_level="WARNING")
     quiet_ray_data_console()
 
 

@@ -227,7 +227,7 @@ def run_demo(
 
     `resume` keeps what an earlier run with the same workdir finished (the toy world, every stage whose output exists)
     and runs only the rest; it is the caller's promise that preset, overrides and seed are unchanged."""
-    from ray_jobs.submit import local_head, submit_and_wait
+    from ray_jobs.submit import local_head
     from ray_jobs.tracking import tracking_uri
 
     began = time.monotonic()
@@ -261,9 +261,7 @@ def run_demo(
                 continue
             started = time.monotonic()
             log(f"== [{index}/{len(plan.stages)}] {stage.title}")
-            outcome = submit_and_wait(
-                cluster.dashboard_address, stage.entrypoint, working_dir=REPO_ROOT, env_vars=env, on_log=_job_line
-            )
+            outcome = cluster.submit_and_wait(stage.entrypoint, working_dir=REPO_ROOT, env_vars=env, on_log=_job_line)
             timings[stage.title] = round(time.monotonic() - started, 1)
             timings_path.write_text(json.dumps(timings, indent=1) + "\n")
             log(f"   [{index}/{len(plan.stages)}] done in {timings[stage.title]:.0f}s ({outcome.job_id})")

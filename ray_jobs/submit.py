@@ -6,8 +6,9 @@ The documented way to run a job is the CLI against a head's dashboard:
     RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python -m ray_jobs.prepare --input /abs/toy/pairs/population --out /abs/prepared
 
-`local_head()` does the first line on free ports, in a temporary directory of its own, and stops exactly the
-processes it started (never `ray stop`, which would stop every Ray on the machine). `submit_and_wait` does the second
+`local_head()` does the first line on free ports, in a temporary directory of its own with a token of its own
+(`ray_jobs.ray_auth`: nothing read from or written to the user's home directory), and stops exactly the processes it
+started (never `ray stop`, which would stop every Ray on the machine). `submit_and_wait` does the second
 through the Python `JobSubmissionClient`: it polls, streams the job's log lines, and turns a failed job into a
 JobError carrying the tail of its logs. Paths passed to a job must be absolute: the job runs in an uploaded copy of
 the working directory, without its git-ignored files.
@@ -30,9 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ray_jobs.common import JobError, log
+from ray_jobs.ray_auth import TOKEN_HELP, bearer, new_token_file, token_env, user_token_headers
 
-# Ray 2.60 heads authenticate clients with the token in ~/.ray/auth_token; clients must run in token mode too.
-AUTH_ENV = {"RAY_AUTH_MODE": "token"}
 # Files a job never needs (and that must not be uploaded with the working directory).
 DEFAULT_EXCLUDES = [".venv/", ".git/", "runs/", ".cache/", "**/__pycache__/", ".pytest_cache/", ".ruff_cache/"]
 
@@ -85,6 +85,7 @@ class LocalCluster:
     dashboard_address: str  # http://127.0.0.1:<port>: what `ray job submit --address` and the Jobs API take
     gcs_address: str  # 127.0.0.1:<port>: what `ray start --address` and `ray.init(address=...)` take
     temp_dir: Path
+    token_path: Path  # this cluster's own auth token (Ray 2.60 token mode): every node, job and client uses it
     head: RayNode
     nodes: list[RayNode] = field(default_factory=list)
     nodes_started: int = 0  # names each node's log: a new log per node, even after others were killed
@@ -93,7 +94,7 @@ class LocalCluster:
         """Start a worker node with `num_cpus` logical CPUs; returns once it has joined the cluster."""
         command = ["--address", self.gcs_address, *_node_arguments(num_cpus)]
         self.nodes_started += 1
-        node = _start_ray(command, self.temp_dir / f"node-{self.nodes_started}.log", num_cpus)
+        node = _start_ray(command, self.temp_dir / f"node-{self.nodes_started}.log", num_cpus, self.token_path)
         self.nodes.append(node)
         # `ray start` prints this once its raylet has registered with the head.
         _wait_for(lambda: _STARTED in _log_tail(node, None), timeout_s, f"a node with {num_cpus} CPU(s) to join", node)
@@ -103,6 +104,15 @@ class LocalCluster:
         """Kill a worker node as a machine failure would; the head notices within its health-check period."""
         node.kill()
         self.nodes.remove(node)
+
+    @property
+    def auth_token(self) -> str:
+        """The token clients of this cluster send (`Authorization: Bearer <token>`)."""
+        return self.token_path.read_text().strip()
+
+    def submit_and_wait(self, entrypoint: Sequence[str] | str, **options) -> JobOutcome:
+        """`submit_and_wait` against this cluster's Jobs API with its token."""
+        return submit_and_wait(self.dashboard_address, entrypoint, token=self.auth_token, **options)
 
     def stop(self) -> None:
         for node in reversed(self.nodes):
@@ -119,6 +129,7 @@ def local_head(num_cpus: float = 2, *, timeout_s: float = 180) -> Iterator[Local
     """
     # Short path: Ray's socket paths under it must stay below the 107-character limit of Unix sockets.
     temp_dir = Path(tempfile.mkdtemp(prefix="ppd-ray-", dir="/tmp"))
+    token_path = new_token_file(temp_dir)
     gcs, dashboard, client = _free_ports(3)
     command = [
         "--head",
@@ -135,10 +146,15 @@ def local_head(num_cpus: float = 2, *, timeout_s: float = 180) -> Iterator[Local
         str(temp_dir),
         "--disable-usage-stats",
     ]
-    head = _start_ray(command, temp_dir / "head.log", num_cpus)
-    cluster = LocalCluster(f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{gcs}", temp_dir, head)
+    head = _start_ray(command, temp_dir / "head.log", num_cpus, token_path)
+    cluster = LocalCluster(f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{gcs}", temp_dir, token_path, head)
     try:
-        _wait_for(lambda: _dashboard_up(cluster.dashboard_address), timeout_s, "the Ray head's dashboard", head)
+        _wait_for(
+            lambda: _dashboard_up(cluster.dashboard_address, cluster.auth_token),
+            timeout_s,
+            "the Ray head's dashboard",
+            head,
+        )
         log(f"Ray head at {cluster.gcs_address}, dashboard {cluster.dashboard_address}")
         yield cluster
     finally:
@@ -170,12 +186,13 @@ def _node_arguments(num_cpus: float) -> list[str]:
     ]
 
 
-def _start_ray(arguments: list[str], log_path: Path, num_cpus: float) -> RayNode:
+def _start_ray(arguments: list[str], log_path: Path, num_cpus: float, token_path: Path) -> RayNode:
     ray_cli = Path(sys.executable).with_name("ray")
     # The interpreter's bin/ first on PATH: entrypoints say `python -m ray_jobs.<job>` (as documented for
     # `ray job submit`) and must get this environment's python even when the virtualenv was never activated.
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    env = {**os.environ, **AUTH_ENV, "RAY_USAGE_STATS_ENABLED": "0", "PATH": path}
+    inherited = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN"}  # would win over the cluster's file
+    env = {**inherited, **token_env(token_path), "RAY_USAGE_STATS_ENABLED": "0", "PATH": path}
     memory = ["--object-store-memory", str(OBJECT_STORE_BYTES)]
     with open(log_path, "ab") as log_file:
         # A process group of its own: the node can be stopped (or killed, to simulate a crash) as one unit.
@@ -196,9 +213,9 @@ _STARTED = "Ray runtime started."
 OBJECT_STORE_BYTES = 1 << 30
 
 
-def _dashboard_up(address: str) -> bool:
+def _dashboard_up(address: str, token: str) -> bool:
     try:
-        _client(address)  # connects, authenticates and checks the version
+        _client(address, token)  # connects, authenticates and checks the version
         return True
     except Exception:  # ConnectionError until the dashboard listens; RuntimeError while it starts its modules
         return False
@@ -241,15 +258,19 @@ def submit_job(
     working_dir: str | Path = ".",
     env_vars: dict[str, str] | None = None,
     excludes: Sequence[str] = DEFAULT_EXCLUDES,
+    token: str | None = None,
 ) -> str:
-    """Submit `entrypoint` (run in an uploaded copy of `working_dir`) to the head at `address`; returns the job id."""
+    """Submit `entrypoint` (run in an uploaded copy of `working_dir`) to the head at `address`; returns the job id.
+
+    `token`: the head's auth token (a `LocalCluster` passes its own); None = the user's own token, as `ray job submit`.
+    """
     command = entrypoint if isinstance(entrypoint, str) else " ".join(shlex.quote(str(part)) for part in entrypoint)
     runtime_env = {
         "working_dir": str(Path(working_dir).resolve()),
         "excludes": list(excludes),
         "env_vars": {**_forwarded_env(), **(env_vars or {})},
     }
-    job_id = _client(address).submit_job(entrypoint=command, runtime_env=runtime_env)
+    job_id = _client(address, token).submit_job(entrypoint=command, runtime_env=runtime_env)
     log(f"submitted job {job_id}: {command}")
     return job_id
 
@@ -261,11 +282,12 @@ def wait_for_job(
     timeout_s: float = 1800,
     poll_s: float = 1.0,
     on_log: Callable[[str], None] | None = None,
+    token: str | None = None,
 ) -> JobOutcome:
     """Poll a job until it ends, passing new log lines to `on_log`; JobError (with the log tail) unless SUCCEEDED."""
     from ray.job_submission import JobStatus
 
-    client = _client(address)
+    client = _client(address, token)
     deadline = time.monotonic() + timeout_s
     shown = 0
     while True:
@@ -301,26 +323,26 @@ def submit_and_wait(
     timeout_s: float = 1800,
     poll_s: float = 1.0,
     on_log: Callable[[str], None] | None = None,
+    token: str | None = None,
 ) -> JobOutcome:
     """`submit_job` then `wait_for_job`: what `ray job submit` does, from Python."""
-    job_id = submit_job(address, entrypoint, working_dir=working_dir, env_vars=env_vars, excludes=excludes)
-    return wait_for_job(address, job_id, timeout_s=timeout_s, poll_s=poll_s, on_log=on_log)
+    job_id = submit_job(address, entrypoint, working_dir=working_dir, env_vars=env_vars, excludes=excludes, token=token)
+    return wait_for_job(address, job_id, timeout_s=timeout_s, poll_s=poll_s, on_log=on_log, token=token)
 
 
-def _client(address: str):
+def _client(address: str, token: str | None = None):
+    """A Jobs API client sending `token` (None: the user's own token, if any); a refused token is a JobError."""
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(address, headers=_auth_headers())
-
-
-def _auth_headers() -> dict[str, str]:
-    # The bearer token explicitly (what RAY_AUTH_MODE=token makes Ray's clients send): this process's Ray config may
-    # have been read before anyone set RAY_AUTH_MODE, and then Ray's own clients would send nothing.
-    token = os.environ.get("RAY_AUTH_TOKEN")
-    token_file = Path.home() / ".ray" / "auth_token"
-    if token is None and token_file.is_file():
-        token = token_file.read_text().strip()
-    return {"Authorization": f"Bearer {token}"} if token else {}
+    headers = bearer(token) if token is not None else user_token_headers()
+    try:
+        return JobSubmissionClient(address, headers=headers)  # its version check is the first authenticated call
+    except AuthenticationError:
+        have = "a token that the head refused" if headers else "no token"
+        raise JobError(
+            f"the Ray head at {address} requires token auth and this client has {have}: {TOKEN_HELP}"
+        ) from None
 
 
 def _forwarded_env() -> dict[str, str]:

@@ -39,8 +39,9 @@ TRAIN_STATE_FILE = "train_state.json"
 ADAPTER_DIR = "adapter"
 RUN_RECORD = "run.json"
 SUMMARY_FILE = "summary.json"
-# DeepSpeed JIT-builds an op on first use (~1 min); a persistent cache makes later starts take seconds.
-DEFAULT_TORCH_EXTENSIONS_DIR = Path.home() / ".cache" / "ppd" / "torch_extensions"
+# DeepSpeed JIT-builds an op on first use (~1 min); a persistent cache makes later starts take seconds. `make` points
+# TORCH_EXTENSIONS_DIR at the clone's .cache/ (forwarded to every job); without it, the job's own copy of the repo.
+DEFAULT_TORCH_EXTENSIONS_DIR = Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"
 
 
 @dataclass(frozen=True)

@@ -354,9 +354,11 @@ def deploy(cfg, port: int) -> str:
     import ray
     from ray import serve
 
+    from ray_jobs.ray_auth import use_private_token
     from serve.app import compose
 
     if not ray.is_initialized():
+        use_private_token()  # a local Ray of our own: its own token, nothing read from or written to $HOME
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(compose(cfg), name=APP_NAME, route_prefix="/")

@@ -17,7 +17,10 @@ def ray_local():
     """A local Ray shared by every test that needs one (start-up costs seconds)."""
     import ray
 
+    from ray_jobs.ray_auth import use_private_token
+
     if not ray.is_initialized():
+        use_private_token()  # as every Ray the project starts: a token of its own, never the one in $HOME
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()

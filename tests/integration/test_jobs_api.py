@@ -10,7 +10,7 @@ import pytest
 
 from ppd.train.data import CAPTIONS_FILE, EMBEDDINGS_FILE, PrecomputedManifest
 from ray_jobs.common import JobError
-from ray_jobs.submit import local_head, submit_and_wait
+from ray_jobs.submit import local_head
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,8 +23,7 @@ def test_precompute_job_through_the_jobs_api_matches_the_in_process_run(inputs, 
     streamed: list[str] = []
     with local_head(num_cpus=2) as cluster:
         assert cluster.dashboard_address.startswith("http://127.0.0.1:")
-        outcome = submit_and_wait(
-            cluster.dashboard_address,
+        outcome = cluster.submit_and_wait(
             [*job, "--prepared", str(inputs.prepared), "--embeddings", str(inputs.embeddings), "--out", str(out)],
             working_dir=REPO_ROOT,
             on_log=streamed.append,
@@ -32,8 +31,7 @@ def test_precompute_job_through_the_jobs_api_matches_the_in_process_run(inputs, 
         )
         # a job that fails (a user mistake) ends in a JobError that carries the job's own one-line error
         with pytest.raises(JobError) as failed:
-            submit_and_wait(
-                cluster.dashboard_address,
+            cluster.submit_and_wait(
                 [*job, "--prepared", str(tmp_path / "nowhere"), "--embeddings", str(tmp_path), "--out", str(out)],
                 working_dir=REPO_ROOT,
                 timeout_s=300,

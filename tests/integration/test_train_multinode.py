@@ -48,7 +48,7 @@ def test_losing_a_worker_node_resumes_from_the_checkpoint_and_ends_like_an_unint
     # a head that runs only the job's driver, and two 2-CPU worker nodes (1 CPU for training, 1 for Ray Data)
     with local_head(num_cpus=0) as cluster:
         doomed, _ = cluster.add_node(2), cluster.add_node(2)
-        job_id = submit_job(cluster.dashboard_address, entrypoint, working_dir=REPO_ROOT)
+        job_id = submit_job(cluster.dashboard_address, entrypoint, working_dir=REPO_ROOT, token=cluster.auth_token)
         deadline = time.monotonic() + 600
         while not _checkpointed_steps(out / "ray" / "train"):
             assert time.monotonic() < deadline, "no checkpoint within 10 minutes"
@@ -56,7 +56,7 @@ def test_losing_a_worker_node_resumes_from_the_checkpoint_and_ends_like_an_unint
         checkpointed_before_the_loss = _checkpointed_steps(out / "ray" / "train")
         cluster.kill_node(doomed)  # SIGKILL to its raylet and workers, as a machine failure would
         cluster.add_node(2)  # the replacement an autoscaler would provide
-        outcome = wait_for_job(cluster.dashboard_address, job_id, timeout_s=900)
+        outcome = wait_for_job(cluster.dashboard_address, job_id, timeout_s=900, token=cluster.auth_token)
 
     assert checkpointed_before_the_loss[-1] < 18, "the node was lost only after training had ended"
     marker = "resumed from optimiser step"
