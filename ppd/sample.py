@@ -1,9 +1,8 @@
 """Generation: the Stage C sampling loop with text guidance and user conditioning, then decoding to pixels.
 
-- Classifier-free guidance on text only. The unconditional text is an input: zeros by default (the toy world's
-  convention); for the real Stable Cascade prior pass the encoding of the empty caption "" (what its diffusers
-  pipeline uses). Both branches get the same user, so guidance amplifies the caption, not the user (the
-  user's strength is the scale s).
+- Classifier-free guidance on text only, against the encoded empty caption "" (`CaptionEncoder.unconditional_text`):
+  what Stable Cascade (and the toy base) dropped captions to in training, never zeros. Both branches get the same
+  user, so guidance amplifies the caption, not the user (the user's strength is the scale s).
 - Users: one embedding per row, or a weighted mix of users' EMBEDDINGS (`mix_user_embeddings`): the mix enters the
   model like any embedding, so mixing needs nothing from the adapter and weights (1, 0) are exactly user 1.
 - Seeds: one generator per row, so a row's image depends on its seed, not on the batch it was generated in.
@@ -46,8 +45,8 @@ def generate_latents(
     """Stage C latents [B, C, H, W] for captions [B, S, C_t] / [B, 1, C_t] and users [B, L, d] (None = base model).
 
     `user_scale` is s (float or [B]); `guidance` > 1 turns on text guidance against `unconditional_text`
-    (hidden, pooled) — zeros when None; `clamp_x0` clamps x̂₀ to [-1, 1] and re-derives ε before each step
-    (needed for bounded latents such as the toy codec's).
+    (hidden [1 or B, S, C_t], pooled [1 or B, 1, C_t]: the encoded empty caption), required then; `clamp_x0` clamps
+    x̂₀ to [-1, 1] and re-derives ε before each step (needed for bounded latents such as the toy codec's).
     """
     batch = clip_text_hidden.shape[0]
     device = clip_text_hidden.device
@@ -56,7 +55,7 @@ def generate_latents(
     scale = torch.as_tensor(user_scale, dtype=torch.float32, device=device).expand(batch)  # [B]
     if guided:
         if unconditional_text is None:
-            unconditional_text = (torch.zeros_like(clip_text_hidden), torch.zeros_like(clip_text_pooled))
+            raise ValueError("text guidance needs unconditional_text: the encoded empty caption (unconditional_text())")
         uncond_hidden, uncond_pooled = (
             t.expand_as(c) for t, c in zip(unconditional_text, (hidden, pooled), strict=True)
         )

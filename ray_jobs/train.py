@@ -333,9 +333,10 @@ def sample_grid(cfg: PPDConfig, inputs: PrecomputedInputs, adapter_dir: Path, de
     from PIL import Image
 
     from ppd.models.checkpoint import load_adapter
-    from ppd.models.factory import build_personalized_stage_c, load_decoder
+    from ppd.models.factory import build_personalized_stage_c, load_caption_encoder, load_decoder
     from ppd.sample import generate_images
     from ppd.train.data import EMBEDDINGS_INDEX
+    from ppd.train.step import population_user_embedding
 
     model = build_personalized_stage_c(cfg.model, inputs.manifest.embedding_shape, device)
     load_adapter(model, adapter_dir, architecture=cfg.model.architecture)
@@ -348,10 +349,11 @@ def sample_grid(cfg: PPDConfig, inputs: PrecomputedInputs, adapter_dir: Path, de
     hidden = inputs.captions.rows("clip_text_hidden", caption_rows).float().to(device)  # [K, S, C_t]
     pooled = inputs.captions.rows("clip_text_pooled", caption_rows).float().to(device)  # [K, 1, C_t]
     user_rows = inputs.user_embeddings.rows("user_embedding", users["embedding_index"].to_numpy()).float().to(device)
-    if cfg.train.method == "dpo":  # the DPO adapter is trained for the zero ("unconditional") user only
-        user_rows = torch.zeros_like(user_rows[:1])
+    if cfg.train.method == "dpo":  # Diffusion-DPO is trained for its one constant "population" user only
+        user_rows = population_user_embedding(1, tuple(user_rows.shape[1:])).to(device)
     rows = [None, *user_rows]  # None = adapter off = the base model
     decoder = load_decoder(cfg.model, device)
+    unconditional_text = load_caption_encoder(cfg.model, device).unconditional_text()
     images = []
     for user in rows:
         embedding = None if user is None else user.unsqueeze(0).expand(captions, -1, -1)  # [K, L, d]
@@ -366,6 +368,7 @@ def sample_grid(cfg: PPDConfig, inputs: PrecomputedInputs, adapter_dir: Path, de
                 user_embedding=embedding,
                 steps=cfg.eval.inference_steps,
                 guidance=cfg.eval.guidance,
+                unconditional_text=unconditional_text,
             )
         )  # [K, 3, H, W] in [0, 1]
     grid = torch.stack(images)  # [R, K, 3, H, W]

@@ -139,6 +139,7 @@ class ImageGenerator:
             user_scale=scales if users is not None else 0.0,
             steps=steps,
             guidance=guidance,
+            unconditional_text=self.variant.encoder.unconditional_text(),
         )  # [B, 3, H, W]
         self.sampler_calls += 1
         return [png_bytes(image) for image in to_uint8_images(images)]

@@ -81,5 +81,6 @@ class VariantGenerator:
             user_scale=self.cfg.model.user_scale if user_scale is None else user_scale,
             steps=self.cfg.eval.inference_steps,
             guidance=self.cfg.eval.guidance,
+            unconditional_text=self.encoder.unconditional_text(),
         )
         return to_uint8_images(images)

@@ -73,6 +73,7 @@ class CaptionEncoder:
     def __init__(self, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModelWithProjection) -> None:
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder.eval().requires_grad_(False)
+        self._unconditional: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def hidden_dim(self) -> int:
@@ -104,6 +105,16 @@ class CaptionEncoder:
         clip_text_hidden = output.hidden_states[-1].float()  # [B, 77, C]
         clip_text_pooled = output.text_embeds.unsqueeze(1).float()  # [B, 1, C]
         return clip_text_hidden, clip_text_pooled
+
+    def unconditional_text(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoded empty caption "" ([1, 77, C], [1, 1, C]): the unconditional branch of text guidance.
+
+        Stable Cascade drops captions to "" in training (and its diffusers prior pipeline guides against it); the toy
+        base is pretrained the same way, so guidance never runs against zeros the model has not seen.
+        """
+        if self._unconditional is None:
+            self._unconditional = self.encode_captions([""])
+        return self._unconditional
 
 
 def augment_caption(caption: str, profile: str, max_profile_words: int = 40) -> str:

@@ -44,6 +44,7 @@ def _captions(rows: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 def _sample(model: PersonalizedStageC, hidden, pooled, seeds, users=None, steps: int = 4, **kwargs) -> torch.Tensor:
     # Clamping x̂₀ (as for the toy codec) keeps an untrained model's samples in range, so tolerances stay meaningful.
     kwargs.setdefault("clamp_x0", True)
+    kwargs.setdefault("unconditional_text", _captions(1, seed=9))  # stands in for the encoded ""
     return generate_latents(
         model,
         hidden,
@@ -113,17 +114,21 @@ def test_mixing_users(model) -> None:
     ).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("unconditional", ["zeros", "given"])
-def test_one_guided_step_by_hand(model, unconditional: str) -> None:
+def test_guidance_without_the_unconditional_text_is_refused(model) -> None:
+    # No silent zeros: Stable Cascade (and the toy base) never saw a zero caption, only the encoded "".
+    hidden, pooled = _captions(2)
+    with pytest.raises(ValueError, match="unconditional_text"):
+        _sample(model, hidden, pooled, [1, 2], steps=1, guidance=3.0, unconditional_text=None)
+    _sample(model, hidden, pooled, [1, 2], steps=1, guidance=1.0, unconditional_text=None)  # unguided: nothing to guide against
+
+
+def test_one_guided_step_by_hand(model) -> None:
     """steps=1 is a single scheduler step from t = 1 to 0 on uncond + g·(cond - uncond)."""
     hidden, pooled = _captions(2)
     users = torch.randn(2, *EMBEDDING_SHAPE)
     guidance = 3.0
-    if unconditional == "zeros":  # the default when no unconditional text is given
-        given, uncond_hidden, uncond_pooled = None, torch.zeros_like(hidden), torch.zeros_like(pooled)
-    else:  # e.g. the encoding of "" for the real prior: one row, broadcast to the batch
-        uncond_hidden, uncond_pooled = _captions(1, seed=9)
-        given = (uncond_hidden, uncond_pooled)
+    uncond_hidden, uncond_pooled = _captions(1, seed=9)  # as the encoded "": one row, broadcast to the batch
+    given = (uncond_hidden, uncond_pooled)
     sampled = _sample(
         model, hidden, pooled, [1, 2], users, steps=1, guidance=guidance, clamp_x0=False, unconditional_text=given
     )
@@ -146,7 +151,15 @@ def test_one_guided_step_by_hand(model, unconditional: str) -> None:
 def test_toy_images_have_the_image_size_and_range(model) -> None:
     hidden, pooled = _captions(2)
     images = generate_images(
-        model, ToyCodec(), hidden, pooled, seeds=[0, 1], latent_shape=LATENT_SHAPE, user_embedding=None, steps=3
+        model,
+        ToyCodec(),
+        hidden,
+        pooled,
+        seeds=[0, 1],
+        latent_shape=LATENT_SHAPE,
+        user_embedding=None,
+        steps=3,
+        unconditional_text=_captions(1, seed=9),
     )
     assert images.shape == (2, 3, 16, 16)
     assert images.min() >= 0 and images.max() <= 1
@@ -165,6 +178,7 @@ def test_stage_b_and_a_decode_to_the_expected_size(model, tmp_path_factory) -> N
         latent_shape=LATENT_SHAPE,
         user_embedding=torch.randn(2, *EMBEDDING_SHAPE),
         steps=2,
+        unconditional_text=_captions(1, seed=9),
     )
     # Stage C 8x8 -> Stage B 8 * 2.0 = 16x16 -> Stage A x4 (one stride-2 level, pixel shuffle 2) = 64x64 RGB.
     assert images.shape == (2, 3, 64, 64)
