@@ -119,7 +119,9 @@ def test_guidance_without_the_unconditional_text_is_refused(model) -> None:
     hidden, pooled = _captions(2)
     with pytest.raises(ValueError, match="unconditional_text"):
         _sample(model, hidden, pooled, [1, 2], steps=1, guidance=3.0, unconditional_text=None)
-    _sample(model, hidden, pooled, [1, 2], steps=1, guidance=1.0, unconditional_text=None)  # unguided: nothing to guide against
+    _sample(
+        model, hidden, pooled, [1, 2], steps=1, guidance=1.0, unconditional_text=None
+    )  # unguided: nothing to guide against
 
 
 def test_one_guided_step_by_hand(model) -> None:
