@@ -25,7 +25,7 @@ class _Section(BaseModel):
 class ToyWorldConfig(_Section):
     """Procedural preference data with synthetic users whose rewards are known (the embedded default)."""
 
-    image_size: int = Field(16, ge=8, le=256, description="side of the square RGB images in pixels")
+    image_size: int = Field(32, ge=8, le=256, description="side of the square RGB images in pixels")
     one_reward_pairs_per_user: int = Field(400, ge=8, description="pairs labelled by each one-reward user")
     population_users: int = Field(240, ge=2, description="users with random mixed reward weights")
     population_pairs_per_user: int = Field(64, ge=4, description="pairs labelled by each population user")
@@ -75,7 +75,9 @@ class ModelConfig(_Section):
     adapter_init: Literal["zero_value", "copy_text_kv"] = Field(
         "zero_value", description="init of W'_k, W'_v: zero value projection (starts equal to base) or copy of text K/V"
     )
-    latent_size: int = Field(8, ge=1, description="Stage C latent side (24 for 1024 px on the real model)")
+    latent_size: int = Field(
+        16, ge=1, description="Stage C latent side (16 for the toy world's 32 px; 24 for 1024 px on the real model)"
+    )
     dtype: Literal["float32", "bfloat16"] = "float32"
     decoder_path: str | None = Field(
         None,
@@ -183,6 +185,12 @@ class EvalConfig(_Section):
         "OPENAI_API_KEY", description="env var holding the judge endpoint's API key (unset = no auth header)"
     )
     judge_pairs: int = Field(200, ge=1, description="held-out pairs the judge is scored on (paper B.3)")
+    judge_temperature: float = Field(1.0, ge=0, description="judge sampling temperature (paper B.3: 1.0)")
+    judge_top_p: float = Field(1.0, gt=0, le=1, description="judge nucleus sampling (paper B.3: 1.0 = none)")
+    judge_chain_of_thought: bool = Field(
+        True, description="describe, contrast and profile before predicting (paper B.3, Table 2)"
+    )
+    judge_max_tokens: int = Field(1024, ge=1, description="reply length the judge may use (reasoning + verdict)")
     judge_split: Literal["test_seen", "test_unseen"] = Field(
         "test_unseen", description="split whose held-out pairs (and users) the judge is scored on"
     )
@@ -320,6 +328,9 @@ class TrackingConfig(_Section):
     registered_model: str = Field("ppd-user-adapter", description="registered model each trained adapter is added to")
     sample_captions: int = Field(3, ge=1, le=8, description="captions in the sample grid logged after training")
     sample_users: int = Field(3, ge=1, le=8, description="users in the sample grid logged after training")
+    parent_run_id: str | None = Field(
+        None, description="MLflow run this job's run is nested under (e.g. the parent run of a β sweep)"
+    )
 
 
 class PPDConfig(_Section):
@@ -410,7 +421,7 @@ def tiny_cpu() -> PPDConfig:
     return PPDConfig(
         preset="tiny_cpu",
         data=DataConfig(),
-        model=ModelConfig(architecture="tiny", latent_size=8),
+        model=ModelConfig(architecture="tiny", latent_size=16),
         embed=EmbedConfig(embedder="pairdiff", max_new_tokens=48, batch_size=8),
         train=TrainConfig(
             lr=5e-4,

@@ -11,7 +11,6 @@ variants ppd, dpo, sft, dpo_upper_<reward> (one-reward experiment) and ppd_popul
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 import time
@@ -19,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from ppd.config import ATTRIBUTES, PPDConfig
 from ppd.eval.evaluate import (
+    base_gate,
     build_requests,
     decode_png,
     object_diagnostics,
@@ -31,53 +30,10 @@ from ppd.eval.evaluate import (
     summarise,
     upper_bound_variant,
 )
-from ppd.eval.image_rewards import score_images
+from ppd.eval.generate import GenerationStage
 from ppd.eval.report import interpolation_plot, sample_grid, win_rate_bars
 from ppd.eval.rewards import ToyRewards
 from ray_jobs.common import JobError, config_from_args, init_ray, job_arg_parser, log
-
-
-class GenerateImages:
-    """Ray Data actor: loads each variant's model once, turns request rows into PNG images."""
-
-    def __init__(self, config: dict, adapters: dict[str, str]) -> None:
-        from ppd.eval.generate import VariantGenerator
-        from ppd.eval.image_rewards import load_image_rewards
-
-        self.cfg = PPDConfig.from_dict(config)
-        self.adapters = adapters
-        self.generators: dict[str, VariantGenerator] = {}
-        self._factory = VariantGenerator
-        # Real-image rewards (CLIP score, aesthetic, HPSv2): loaded once per actor, applied to every image made here.
-        self.image_rewards = load_image_rewards(self.cfg.eval, self.cfg.model.cache_dir)
-
-    def _generator(self, variant: str):
-        if variant not in self.generators:
-            self.generators[variant] = self._factory(self.cfg, None if variant == "base" else self.adapters[variant])
-        return self.generators[variant]
-
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        pngs: dict[int, bytes] = {}
-        reward_scores: dict[str, dict[int, float]] = {name: {} for name in self.image_rewards}
-        for variant, rows in batch.groupby("variant", sort=False):
-            embeddings = None
-            if rows["embedding"].notna().all():
-                embeddings = np.stack(
-                    [
-                        np.asarray(e, np.float32).reshape(s)
-                        for e, s in zip(rows["embedding"], rows["embedding_shape"], strict=True)
-                    ]
-                )
-            images = self._generator(variant).generate(rows["caption"].tolist(), rows["seed"].tolist(), embeddings)
-            for name, values in score_images(self.image_rewards, images, rows["caption"].tolist()).items():
-                reward_scores[name].update(zip(rows["request_id"].astype(int), values.tolist(), strict=True))
-            for request_id, image in zip(rows["request_id"], images, strict=True):
-                buffer = io.BytesIO()
-                Image.fromarray(image).save(buffer, format="PNG")
-                pngs[int(request_id)] = buffer.getvalue()
-        ids = batch["request_id"].astype(int).tolist()
-        columns = {f"image_reward.{name}": [scores[i] for i in ids] for name, scores in reward_scores.items()}
-        return pd.DataFrame({"request_id": ids, "png": [pngs[i] for i in ids], **columns})
 
 
 def _read_json(path: Path | None, what: str) -> dict:
@@ -135,7 +91,7 @@ def run(
     generated = (
         ray.data.from_items(requests)
         .map_batches(
-            GenerateImages,
+            GenerationStage,
             batch_size=cfg.eval.batch_size,
             batch_format="pandas",
             compute=ray.data.ActorPoolStrategy(size=cfg.eval.concurrency),
@@ -155,7 +111,11 @@ def run(
             column.removeprefix("image_reward."): {v: float(x) for v, x in means[column].items()}
             for column in image_reward_columns
         }
-    results["objects"] = object_diagnostics(frame["variant"].tolist(), images, cfg.data.toy.image_size, seed)
+    variants, image_size = frame["variant"].tolist(), cfg.data.toy.image_size
+    results["objects"] = object_diagnostics(variants, images, image_size, seed)
+    if "base" in variants:
+        results["base_quality"] = base_gate(variants, frame["caption"].tolist(), images, image_size, seed)
+        log(f"evaluate: base quality gate {'passed' if results['base_quality']['passed'] else 'NOT passed'}")
     if population_prepared is not None:
         results["judge"] = _judge(cfg, world, population_prepared, seed)
     if classifier:

@@ -42,7 +42,8 @@ TEMPLATES: tuple[str, ...] = (
 )
 POPULATIONS: tuple[str, ...] = ("one_reward", "population")
 RENDERER = "toy-renderer-v1"
-_SUPERSAMPLE = 4  # render at 4x and average down: anti-aliased edges make size/position continuous
+# Render at a finer grid and average down: anti-aliased edges make size and position continuous.
+_SUPERSAMPLED_SIDE = 64
 _REFERENCE_IMAGES = 4096  # images rendered to standardise attributes (mean/std)
 
 
@@ -84,7 +85,7 @@ def _hsv_to_rgb(hue_deg: np.ndarray, sat: np.ndarray, val: np.ndarray) -> np.nda
     return rgb + (val - c)[:, None]
 
 
-def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: np.ndarray) -> np.ndarray:
+def shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: np.ndarray) -> np.ndarray:
     """Boolean mask of `shape` centred at 0 with radius r; dx, dy, r broadcast to [B, H, W]."""
     dist = np.sqrt(dx**2 + dy**2)
     if shape == "circle":
@@ -134,9 +135,15 @@ def sample_scene_params(rng: np.random.Generator, n: int) -> SceneParams:
     )
 
 
+def supersample(image_size: int) -> int:
+    """Sub-pixels per pixel side when rendering at `image_size` (4 at 16 px, 2 at 32 px: a 64-wide fine grid)."""
+    return max(1, _SUPERSAMPLED_SIDE // image_size)
+
+
 def render(captions: list[str], params: SceneParams, image_size: int) -> np.ndarray:
     """Render one image per caption: uint8 [B, S, S, 3]."""
-    n, side = len(captions), image_size * _SUPERSAMPLE
+    ss = supersample(image_size)
+    n, side = len(captions), image_size * ss
     coords = (np.arange(side) + 0.5) / side  # pixel centres in [0, 1]
     ys, xs = np.meshgrid(coords, coords, indexing="ij")  # [side, side]
     cx = 0.5 + params.offset_radius * np.cos(params.offset_angle)
@@ -148,12 +155,12 @@ def render(captions: list[str], params: SceneParams, image_size: int) -> np.ndar
     mask = np.zeros((n, side, side), dtype=bool)
     for shape in set(shapes):
         rows = np.array([s == shape for s in shapes])
-        mask[rows] = _shape_mask(shape, dx[rows], dy[rows], r[rows])
+        mask[rows] = shape_mask(shape, dx[rows], dy[rows], r[rows])
     fg_hue = np.array([COLOUR_HUES[c] for c in colours]) + params.fg_hue_jitter
     fg = _hsv_to_rgb(fg_hue, params.fg_sat, params.fg_val)  # [B, 3]
     bg = _hsv_to_rgb(params.bg_hue, params.bg_sat, params.bg_val)  # [B, 3]
     image = np.where(mask[..., None], fg[:, None, None, :], bg[:, None, None, :])  # [B, side, side, 3]
-    image = image.reshape(n, image_size, _SUPERSAMPLE, image_size, _SUPERSAMPLE, 3).mean(axis=(2, 4))
+    image = image.reshape(n, image_size, ss, image_size, ss, 3).mean(axis=(2, 4))
     return np.clip(np.round(image * 255), 0, 255).astype(np.uint8)
 
 

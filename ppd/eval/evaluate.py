@@ -146,28 +146,27 @@ def summarise(
 
 
 def object_diagnostics(variants: Sequence[str], images: np.ndarray, image_size: int, seed: int) -> dict:
-    """Does each model draw the toy world's object at all? Share of images with an object, and the mean object size.
+    """Does each model draw the toy world's object? Share of images with an object (`find_objects`, the validated
+    measure of the base's quality gate) and the mean object size, beside the toy world's own renders."""
+    from ppd.eval.base_quality import find_objects, gate_captions, render_references
 
-    An image counts as showing an object when its measured foreground covers at least half the area of the smallest
-    object among 256 of the toy world's own renders (generated noise leaves a faint foreground everywhere, so "any
-    foreground" would count every image). Size and centredness rewards can only move where objects are drawn."""
-    from ppd.data.toyworld import caption_grammar, measure_attributes, render, sample_scene_params
+    def summary(rendered: np.ndarray) -> dict[str, float]:
+        fit = find_objects(rendered)
+        return {"object_rate": float(fit.present.mean()), "mean_size": float(np.mean(fit.area * fit.present))}
 
-    rng = np.random.default_rng([seed, 97])
-    captions = caption_grammar()
-    reference = render(
-        [captions[i] for i in rng.integers(0, len(captions), 256)], sample_scene_params(rng, 256), image_size
-    )
-    reference_size = measure_attributes(reference)["size"]  # [256] foreground share of each render
-    threshold = 0.5 * float(reference_size.min())
-
-    def summary(size: np.ndarray) -> dict[str, float]:
-        return {"object_rate": float(np.mean(size >= threshold)), "mean_size": float(np.mean(size))}
-
-    sizes = measure_attributes(images)["size"]  # [N]
     labels = np.asarray(variants)
-    per_variant = {str(v): summary(sizes[labels == v]) for v in sorted(set(variants))}
-    return {"toy_world": summary(reference_size), **per_variant}
+    per_variant = {str(v): summary(images[labels == v]) for v in sorted(set(variants))}
+    reference = render_references(gate_captions(256, seed), image_size, seed)
+    return {"toy_world": summary(reference), **per_variant}
+
+
+def base_gate(variants: Sequence[str], captions: Sequence[str], images: np.ndarray, image_size: int, seed: int) -> dict:
+    """The base's quality gate on the base images of this evaluation, against renders of the same captions."""
+    from ppd.eval.base_quality import quality_gate, render_references
+
+    rows = np.asarray(variants) == "base"
+    base_captions = [c for c, keep in zip(captions, rows, strict=True) if keep]
+    return quality_gate(images[rows], base_captions, render_references(base_captions, image_size, seed))
 
 
 __all__ = ["ATTRIBUTES", "build_requests", "population_users", "score", "summarise", "upper_bound_variant"]

@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from ppd.config import PPDConfig
-from ppd.eval.rewards import to_uint8_images
+from ppd.eval.image_rewards import load_image_rewards, score_images
+from ppd.eval.rewards import png_bytes, to_uint8_images
 from ppd.models.checkpoint import load_adapter, read_adapter_checkpoint
 from ppd.models.factory import build_personalized_stage_c, latent_shape, load_caption_encoder, load_decoder
 from ppd.sample import generate_images
@@ -84,3 +86,44 @@ class VariantGenerator:
             unconditional_text=self.encoder.unconditional_text(),
         )
         return to_uint8_images(images)
+
+
+class GenerationStage:
+    """A batch stage (a Ray Data actor in the evaluate and sweep jobs): request rows -> PNG images + image rewards.
+
+    Loads each variant's model once (`adapters`: variant -> adapter folder; "base" = no adapter). Rows carry
+    variant, caption, seed, request_id and an optional flattened user embedding with its shape."""
+
+    def __init__(self, config: dict, adapters: dict[str, str]) -> None:
+        self.cfg = PPDConfig.from_dict(config)
+        self.adapters = adapters
+        self.generators: dict[str, VariantGenerator] = {}
+        # Real-image rewards (CLIP score, aesthetic, HPSv2): loaded once per actor, applied to every image made here.
+        self.image_rewards = load_image_rewards(self.cfg.eval, self.cfg.model.cache_dir)
+
+    def _generator(self, variant: str):
+        if variant not in self.generators:
+            self.generators[variant] = VariantGenerator(self.cfg, None if variant == "base" else self.adapters[variant])
+        return self.generators[variant]
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        """request_id, png and one `image_reward.<name>` column per real-image reward, for every row."""
+        pngs: dict[int, bytes] = {}
+        reward_scores: dict[str, dict[int, float]] = {name: {} for name in self.image_rewards}
+        for variant, rows in batch.groupby("variant", sort=False):
+            embeddings = None
+            if rows["embedding"].notna().all():
+                embeddings = np.stack(
+                    [
+                        np.asarray(e, np.float32).reshape(s)
+                        for e, s in zip(rows["embedding"], rows["embedding_shape"], strict=True)
+                    ]
+                )
+            images = self._generator(variant).generate(rows["caption"].tolist(), rows["seed"].tolist(), embeddings)
+            for name, values in score_images(self.image_rewards, images, rows["caption"].tolist()).items():
+                reward_scores[name].update(zip(rows["request_id"].astype(int), values.tolist(), strict=True))
+            for request_id, image in zip(rows["request_id"], images, strict=True):
+                pngs[int(request_id)] = png_bytes(image)
+        ids = batch["request_id"].astype(int).tolist()
+        columns = {f"image_reward.{name}": [scores[i] for i in ids] for name, scores in reward_scores.items()}
+        return pd.DataFrame({"request_id": ids, "png": [pngs[i] for i in ids], **columns})

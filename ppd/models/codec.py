@@ -6,6 +6,8 @@ Both decoders expose `clamp_x0` (whether the Stage C sampler may clamp its x̂�
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from diffusers import StableCascadeUNet
@@ -18,12 +20,25 @@ STAGE_C_TO_STAGE_B_SCALE = 10.67
 
 
 class ToyCodec:
-    """Lossless toy "autoencoder": RGB in [-1, 1] [B, 3, H, W] <-> pixel-unshuffled latents [B, 12, H/2, W/2]."""
+    """Lossless toy "autoencoder": RGB in [-1, 1] [B, 3, H, W] <-> pixel-unshuffled latents [B, 3f², H/f, W/f].
 
-    factor = 2
-    latent_channels = 3 * factor**2
+    The factor f follows the Stage C it feeds (`for_stage_c`: in_channels = 3f²); 2 for the toy base (12 channels).
+    """
+
     # The latents are a permutation of pixels in [-1, 1], so clamping x̂₀ to that range is exact, not a heuristic.
     clamp_x0 = True
+
+    def __init__(self, factor: int = 2) -> None:
+        self.factor = factor
+        self.latent_channels = 3 * factor**2
+
+    @classmethod
+    def for_stage_c(cls, unet_config) -> ToyCodec:
+        """The codec whose latents a Stage C with this config reads (in_channels = 3 f²)."""
+        factor = math.isqrt(unet_config.in_channels // 3) if hasattr(unet_config, "in_channels") else 0
+        if factor < 1 or 3 * factor**2 != unet_config.in_channels:
+            raise ValueError(f"a toy Stage C needs 3·f² input channels, not {unet_config.in_channels}")
+        return cls(factor)
 
     def latent_shape(self, image_size: int) -> tuple[int, int, int]:
         """Latent [C, H, W] of a square image of side `image_size`."""
@@ -33,11 +48,11 @@ class ToyCodec:
         return (self.latent_channels, side, side)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] in [-1, 1] -> [B, 12, H/2, W/2] (a rearrangement: exactly invertible)."""
+        """[B, 3, H, W] in [-1, 1] -> [B, 3f², H/f, W/f] (a rearrangement: exactly invertible)."""
         return F.pixel_unshuffle(images, self.factor)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """[B, 12, h, w] -> [B, 3, 2h, 2w] in the latents' range (inverse of `encode`)."""
+        """[B, 3f², h, w] -> [B, 3, fh, fw] in the latents' range (inverse of `encode`)."""
         return F.pixel_shuffle(latents, self.factor)
 
     def to_images(

@@ -24,6 +24,7 @@ from ppd.models.adapter import AdapterConfig, PersonalizedStageC, UserAdapter
 from ppd.models.codec import STAGE_C_TO_STAGE_B_SCALE, StageBADecoder, ToyCodec
 from ppd.models.local_cache import build_once
 from ppd.models.stage_c import (
+    TOY_CODEC_FACTOR,
     Architecture,
     build_stage_c,
     stage_c_unet_config,
@@ -76,8 +77,11 @@ def _prior_location(cfg: ModelConfig) -> tuple[str, str | None]:
 
 
 def _text_root(cfg: ModelConfig) -> str:
-    # Real: the prior repository carries CLIP ViT-bigG (text_encoder/, tokenizer/). Tiny: the tiny directory.
+    # Real: the prior repository carries CLIP ViT-bigG (text_encoder/, tokenizer/). Tiny: a pretrained toy base
+    # carries the text encoder it was trained with (same layout); a random tiny prior goes with the random tiny one.
     if cfg.architecture == "tiny":
+        if cfg.stage_c_path is not None and (Path(cfg.stage_c_path) / "text_encoder").is_dir():
+            return cfg.stage_c_path
         return str(tiny_models_dir(cfg.cache_dir))
     return _prior_location(cfg)[0]
 
@@ -112,7 +116,7 @@ def load_stage_ba_decoder(
 def load_decoder(cfg: ModelConfig, device: torch.device | str = "cpu") -> ToyCodec | StageBADecoder:
     """How `cfg`'s Stage C latents become pixels: the toy codec (tiny) or Stage B + Stage A (real)."""
     if cfg.architecture == "tiny":
-        return ToyCodec()
+        return ToyCodec(TOY_CODEC_FACTOR)
     return load_stage_ba_decoder(cfg.decoder_path or DEFAULT_DECODER_PATH, dtype=_DTYPES[cfg.dtype], device=device)
 
 

@@ -15,6 +15,10 @@ ARCHITECTURES: tuple[str, ...] = ("tiny", "stage_c_lite", "stage_c")
 
 # Width of the tiny CLIP text encoder (hidden and projection) and of the tiny image-embedding slot.
 TINY_CLIP_DIM = 32
+# The toy world's codec: 32 x 32 RGB -> 12 x 16 x 16 latents (pixel unshuffle by 2). A larger factor puts more pixels in
+# one latent token (4: 48 channels), which the tiny model denoised far worse within a token (blocky, noisy samples).
+TOY_CODEC_FACTOR = 2
+TOY_LATENT_CHANNELS = ToyCodec(TOY_CODEC_FACTOR).latent_channels
 
 # Every Stage C level is [ResBlock, TimestepBlock, AttnBlock] repeated; shared by all three presets.
 _STAGE_C_BLOCK_TYPES = (("SDCascadeResBlock", "SDCascadeTimestepBlock", "SDCascadeAttnBlock"),) * 2
@@ -38,11 +42,14 @@ def _stage_c_common() -> dict[str, Any]:
 def stage_c_unet_config(architecture: Architecture) -> dict[str, Any]:
     """Keyword arguments of `StableCascadeUNet` for a Stage C architecture."""
     if architecture == "tiny":
-        # Toy world: 16x16 RGB through the toy codec = 12 x 8 x 8 latents; ~0.5M parameters, fast on 2 CPU cores.
-        # No dropout: the tiny base underfits rather than overfits, and the frozen base never runs dropout anyway.
+        # Toy world: 32x32 RGB through the toy codec = 12 x 16 x 16 latents; ~0.5M parameters. Unlike the real Stage C
+        # (both levels at 24 x 24), the second level runs at half the side (switch_level): its attention sees the whole
+        # 8 x 8 layout cheaply, the first level keeps the pixels' detail. No dropout: the tiny base underfits rather
+        # than overfits, and the frozen base never runs dropout anyway.
         sizes = {
-            "in_channels": ToyCodec.latent_channels,
-            "out_channels": ToyCodec.latent_channels,
+            "in_channels": TOY_LATENT_CHANNELS,
+            "out_channels": TOY_LATENT_CHANNELS,
+            "switch_level": (True,),
             "conditioning_dim": 64,
             "block_out_channels": (64, 64),
             "num_attention_heads": (2, 2),
@@ -94,7 +101,7 @@ def tiny_stage_b_config() -> dict[str, Any]:
         ),
         "clip_text_pooled_in_channels": TINY_CLIP_DIM,
         "clip_seq": 4,
-        "effnet_in_channels": ToyCodec.latent_channels,
+        "effnet_in_channels": TOY_LATENT_CHANNELS,
         "pixel_mapper_in_channels": 3,
         "kernel_size": 3,
         "dropout": (0.0, 0.0),

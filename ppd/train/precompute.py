@@ -25,6 +25,7 @@ from PIL import Image
 
 from ppd.config import ModelConfig
 from ppd.models.codec import ToyCodec
+from ppd.models.stage_c import TOY_CODEC_FACTOR
 
 # Why a prepared pair is not in the precomputed training set (counted per split in the manifest).
 SKIP_REASONS: tuple[str, ...] = ("no_condition_group", "no_embedding", "undecodable_image")
@@ -41,19 +42,19 @@ class LatentEncoder(Protocol):
 
 @dataclass(frozen=True)
 class ToyLatentEncoder:
-    """The toy world's lossless codec: 2s x 2s RGB -> 12 x s x s latents (no resampling: sizes must match)."""
+    """The toy world's lossless codec: fs x fs RGB -> 3f² x s x s latents (no resampling: sizes must match)."""
 
     image_size: int
     resize: bool = False
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return ToyCodec().encode(images)  # [B, 12, H/2, W/2]
+        return ToyCodec(TOY_CODEC_FACTOR).encode(images)  # [B, 3f², H/f, W/f]
 
 
 def load_latent_encoder(cfg: ModelConfig) -> LatentEncoder:
     """The image encoder whose latents Stage C of `cfg` was trained on."""
     if cfg.architecture == "tiny":
-        return ToyLatentEncoder(image_size=cfg.latent_size * ToyCodec.factor)
+        return ToyLatentEncoder(image_size=cfg.latent_size * TOY_CODEC_FACTOR)
     # Real Stable Cascade: Stage C latents are the 16-channel features of its EfficientNetV2-S encoder ("effnet",
     # 768 px input -> 16 x 24 x 24), which ships with Stability's training code, not with diffusers. Plug it in here
     # as a LatentEncoder (image_size=768, resize=True, ImageNet normalisation inside `encode`).

@@ -17,6 +17,8 @@ import pytest
 from PIL import Image
 
 from ppd.config import load_config
+from ppd.models.factory import latent_shape
+from ppd.models.stage_c import TOY_CODEC_FACTOR
 from serve.ingress import auth_token
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -135,7 +137,7 @@ def test_same_pairs_hit_the_cache_and_skip_the_embedder(client):
     assert after["cache_hits"] == before["cache_hits"] + 1
 
 
-def test_generate_for_a_user_differs_from_the_base_and_from_another_user(client, users):
+def test_generate_for_a_user_differs_from_the_base_and_from_another_user(app, client, users):
     request = {"caption": CAPTION, "seed": 3, "num_images": 2}
     user_a = _images(client.post("/v1/generate", json={**request, "user": users[0]}))
     user_b = _images(client.post("/v1/generate", json={**request, "user": users[1]}))
@@ -143,7 +145,8 @@ def test_generate_for_a_user_differs_from_the_base_and_from_another_user(client,
     assert len(user_a) == 2 and user_a[0] != user_a[1]  # seeds 3 and 4
     assert user_a != base and user_a != user_b
     with Image.open(io.BytesIO(user_a[0])) as image:
-        assert image.size == (16, 16)
+        side = latent_shape(app[1].model)[1] * TOY_CODEC_FACTOR  # the toy codec's pixels per latent side
+        assert image.size == (side, side)
     scale_zero = _images(client.post("/v1/generate", json={**request, "user": users[0], "user_scale": 0}))
     assert scale_zero == base  # s = 0 is the base model exactly
 

@@ -19,6 +19,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from ppd.config import PPDConfig
+from ppd.models.factory import latent_shape
 from ppd.train.data import PrecomputedInputs, PrecomputedManifest
 
 EMBEDDING_SHAPE = (4, 16)  # [L, d] of the test embeddings
@@ -128,7 +129,7 @@ def test_precomputed_rows_hold_the_pairs_latents_caption_and_condition_embedding
     assert sorted(rows.column("pair_id").to_pylist()) == sorted(trainable.index)
     assert manifest.splits["train"].rows == rows.num_rows
     assert manifest.rejected["train"]["no_condition_group"] == len(prepared) - len(trainable)
-    assert manifest.embedding_shape == EMBEDDING_SHAPE and manifest.latent_shape == (12, 8, 8)
+    assert manifest.embedding_shape == EMBEDDING_SHAPE and manifest.latent_shape == latent_shape(smoke_config.model)
 
     # files in manifest order hold a seeded shuffle: order keys increase, pair ids do not
     order = rows.column("order_key").to_numpy()

@@ -48,5 +48,6 @@ def test_overrides_are_typed_and_validated():
 def test_flatten_gives_dotted_string_params():
     flat = load_config("tiny_cpu").flatten()
     assert flat["train.lr"] == "0.0005"
-    assert flat["data.toy.image_size"] == "16"
+    assert flat["data.toy.image_size"] == str(load_config("tiny_cpu").data.toy.image_size)
+    assert flat["train.users"] == "None" and flat["eval.image_rewards"].startswith("[")  # None and lists as text
     assert all(isinstance(v, str) for v in flat.values())

@@ -9,7 +9,7 @@ import torch
 from transformers import CLIPTokenizer
 from typer.testing import CliRunner
 
-from ppd.config import ModelConfig
+from ppd.config import ModelConfig, load_config
 from ppd.models.codec import ToyCodec
 from ppd.models.factory import (
     TINY_MODELS_SEED,
@@ -51,8 +51,9 @@ def test_tiny_prior_loads_back_with_the_built_weights(cache_dir) -> None:
     with torch.no_grad():
         assert torch.equal(loaded(**inputs).sample, built(**inputs).sample)
     assert all(not p.requires_grad for p in loaded.parameters())
-    # The default config's latent grid is the toy codec's for 16 px RGB: 3 x 2² channels on an 8 x 8 grid.
-    assert latent_shape(ModelConfig()) == ToyCodec().latent_shape(16) == (12, 8, 8)
+    # The default config's latent grid is the toy codec's for the toy world's images: 3 x 2² channels, side / 2.
+    side = load_config("tiny_cpu").data.toy.image_size
+    assert latent_shape(ModelConfig()) == ToyCodec(2).latent_shape(side) == (12, side // 2, side // 2)
 
 
 def test_second_call_reuses_the_cache(cache_dir) -> None:
