@@ -125,24 +125,50 @@ def toy_pretrain_base(
     out: Annotated[
         Path, typer.Option("--out", "-o", help="where the base goes (the demo reads assets/toy_base)")
     ] = Path("assets/toy_base"),
-    steps: Annotated[int, typer.Option(help="optimiser steps (fresh images every step)")] = 4000,
+    steps: Annotated[int, typer.Option(help="total optimiser steps of the run (fresh images every step)")] = 12_000,
     batch_size: Annotated[int, typer.Option(help="images per step")] = 64,
     seed: Annotated[int, typer.Option(help="seed of the images and the noise")] = 0,
     resume_from: Annotated[
-        Path | None, typer.Option(help="continue from a saved base instead of the random init")
+        Path | None,
+        typer.Option(help="continue a saved base: exactly from its training_state/ if present, else warm-start"),
     ] = None,
+    max_minutes: Annotated[
+        float | None, typer.Option(help="stop after this long and save (resume later with --resume-from)")
+    ] = None,
+    gate_samples: Annotated[int, typer.Option(help="samples the quality gate is measured on (0 = skip)")] = 256,
     preset: PresetOption = "tiny_cpu",
     overrides: OverrideOption = None,
 ) -> None:
-    """Pretrain the tiny Stage C on toy-world images and captions (the stand-in for pretrained Stable Cascade)."""
-    from ppd.train.pretrain import PretrainSettings, pretrain_toy_base
+    """Pretrain the tiny Stage C and its text encoder on the toy world (the stand-in for pretrained Stable Cascade),
+    then measure its quality gate: object drawn, caption colour and shape, attribute distributions (KS)."""
+    from ppd.eval.base_quality import format_gate, measure_base
+    from ppd.eval.generate import VariantGenerator
+    from ppd.train.pretrain import PretrainSettings, pretrain_toy_base, read_record, write_record
 
     cfg = _config(preset, overrides)
-    settings = PretrainSettings(steps=steps, batch_size=batch_size, seed=seed, resume_from=resume_from)
-    summary = pretrain_toy_base(
-        cfg, settings, out, progress=lambda step, loss: log(f"step {step}/{steps} loss {loss:.4f}")
+    if resume_from is not None and not (resume_from / "prior" / "config.json").is_file():
+        _fail(f"--resume-from {resume_from}: not a saved toy base (no prior/config.json)")
+    settings = PretrainSettings(
+        steps=steps,
+        batch_size=batch_size,
+        seed=seed,
+        resume_from=resume_from,
+        max_seconds=None if max_minutes is None else max_minutes * 60,
     )
-    typer.echo(f"toy base -> {out} (loss {summary['final_loss']:.4f}, {summary['seconds']:.0f}s)")
+    try:
+        summary = pretrain_toy_base(
+            cfg, settings, out, progress=lambda step, loss: log(f"step {step}/{steps} loss {loss:.4f}")
+        )
+    except ValueError as err:
+        _fail(str(err))
+    state = "finished" if summary["finished"] else "stopped early (continue with --resume-from)"
+    typer.echo(f"toy base -> {out}: step {summary['steps_done']}/{steps} {state}, loss {summary['final_loss']:.4f}")
+    if gate_samples > 0:
+        log(f"quality gate on {gate_samples} samples")
+        base = VariantGenerator(cfg.with_overrides([f"model.stage_c_path={out.resolve()}"]), None)
+        gate = measure_base(base.generate, cfg.data.toy.image_size, gate_samples, seed)
+        write_record(out, {**read_record(out), "quality_gate": gate})
+        typer.echo(format_gate(gate))
 
 
 # --- jobs -----------------------------------------------------------------------------------------------------------
@@ -292,23 +318,30 @@ def evaluate(
 @app.command()
 def demo(
     out: Annotated[
-        Path, typer.Option("--out", "-o", help="where RESULTS.md, results.json and results_figures/ go")
+        Path,
+        typer.Option("--out", "-o", help="where RESULTS.md, results/seed<S>.json and results_figures/ go"),
     ] = Path("."),
     workdir: Annotated[
-        Path, typer.Option(help="intermediate outputs: toy world, prepared data, embeddings, runs, MLflow store")
-    ] = Path("runs/demo"),
-    seed: Annotated[int, typer.Option(help="seed of the whole run")] = 0,
+        Path | None,
+        typer.Option(
+            help="intermediate outputs: toy world, prepared data, embeddings, runs, MLflow store "
+            "(default runs/demo for seed 0, runs/demo-seed<S> otherwise)"
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="seed of the whole run: toy world, splits, training, evaluation")] = 0,
     resume: Annotated[
         bool, typer.Option(help="keep the stages an interrupted run of the same workdir finished; run the rest")
     ] = False,
     render_only: Annotated[
-        bool, typer.Option(help="only rewrite RESULTS.md from the results.json in --out (no jobs run)")
+        bool, typer.Option(help="only rewrite RESULTS.md from the results/seed<S>.json in --out (no jobs run)")
     ] = False,
     preset: PresetOption = "tiny_cpu",
     overrides: OverrideOption = None,
 ) -> None:
     """The main job on the embedded default: toy world -> prepare -> embed -> precompute -> train (PPD + baselines)
-    -> evaluate, each submitted as a Ray job to a local head; writes RESULTS.md and results.json into --out."""
+    -> evaluate, each submitted as a Ray job to a local head; writes results/seed<S>.json and RESULTS.md (every
+    seed's results side by side) into --out, and prints this run's targets."""
+    from ppd.eval.report import target_checks
     from ray_jobs.demo import rerender_results, run_demo, summary_table
 
     cfg = _config(preset, overrides, [f"data.seed={seed}"])
@@ -320,16 +353,63 @@ def demo(
         except JobError as err:
             _fail(str(err))
         return
+    if workdir is None:
+        workdir = Path("runs/demo") if seed == 0 else Path(f"runs/demo-seed{seed}")
     try:
         results = run_demo(cfg, workdir, out, list(overrides or []), seed, command, generate_toy_world, resume)
     except JobError as err:
         _fail(str(err))
     typer.echo(summary_table(results))
+    checks_met = all(check.met for check in target_checks(results))
     typer.secho(
-        f"== done in {results['runtime_s']:.0f}s: {out / 'RESULTS.md'}, {out / 'results.json'}; "
-        f"compare the training runs with `ppd runs compare --set tracking.local_store={workdir}/mlflow`",
+        f"== done in {results['runtime_s']:.0f}s (seed {seed}): "
+        f"{'every target met' if checks_met else 'some targets MISSED'}; {out / 'RESULTS.md'}, "
+        f"{out / 'results' / f'seed{seed}.json'}; compare the training runs with "
+        f"`ppd runs compare --set tracking.local_store={workdir}/mlflow`",
         bold=True,
     )
+
+
+sweep_app = typer.Typer(help="Hyper-parameter sweeps scored on the validation split (never on test splits).")
+app.add_typer(sweep_app, name="sweep")
+
+
+@sweep_app.command("beta")
+def sweep_beta(
+    betas: Annotated[str, typer.Option(help="comma-separated β values (β·T is Diffusion-DPO's beta_dpo)")] = "0.5,2,8",
+    methods: Annotated[str, typer.Option(help="comma-separated methods to choose β for")] = "ppd,dpo",
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="where results/beta_sweep.json goes (ppd demo reads it)")
+    ] = Path("."),
+    workdir: Annotated[
+        Path, typer.Option(help="the demo's workdir: its toy world, prepared data and inputs are reused")
+    ] = Path("runs/demo"),
+    seed: Annotated[int, typer.Option(help="seed of the toy world, splits and training")] = 0,
+    preset: PresetOption = "tiny_cpu",
+    overrides: OverrideOption = None,
+) -> None:
+    """Choose β per method on the validation split (paper B.1): one training per (method, β) under one MLflow parent
+    run, each scored on validation captions; writes the choice that `ppd demo` then uses."""
+    from ray_jobs.sweep import format_sweep, run_beta_sweep
+
+    cfg = _config(preset, overrides, [f"data.seed={seed}"])
+    try:
+        beta_values = [float(b) for b in betas.split(",") if b.strip()]
+    except ValueError:
+        _fail(f"--betas {betas!r}: expected numbers separated by commas, e.g. 0.5,2,8")
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    if not beta_values or any(b <= 0 for b in beta_values):
+        _fail("--betas: give at least one β > 0")
+    unknown = sorted(set(method_list) - {"ppd", "dpo"})
+    if unknown or not method_list:
+        _fail(f"--methods: choose from ppd, dpo (got {methods!r})")
+    try:
+        record = run_beta_sweep(
+            cfg, workdir, out, list(overrides or []), seed, beta_values, method_list, generate_toy_world
+        )
+    except JobError as err:
+        _fail(str(err))
+    typer.echo(format_sweep(record))
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ppd.config import PPDConfig
 from ppd.eval.evaluate import POPULATION_VARIANT, upper_bound_variant
-from ppd.eval.report import render_results_markdown
+from ppd.eval.report import render_results_markdown, target_checks
 from ppd.train.data import MANIFEST_FILE
 from ray_jobs.common import JobError, log
 
@@ -30,6 +30,8 @@ BASE_MODEL_DIR = REPO_ROOT / "assets" / "toy_base"
 ONE_REWARD, POPULATION = "one_reward", "population"
 # What was tried on missed targets and why (prose kept in the repo, appended to every generated RESULTS.md).
 INVESTIGATION_NOTES = REPO_ROOT / "docs" / "results_investigation.md"
+RESULTS_DIR = "results"  # one results file per seed: <out>/results/seed<S>.json
+FIGURES_DIR = "results_figures"
 
 
 @dataclass(frozen=True)
@@ -90,8 +92,26 @@ def one_reward_user_ids(world: Path) -> dict[str, int]:
     return {k: int(v) for k, v in json.loads((world / "manifest.json").read_text())["one_reward_users"].items()}
 
 
-def plan_demo(cfg: PPDConfig, workdir: Path, overrides: list[str], seed: int, world: Path) -> DemoPlan:
-    """The jobs of one demo run after the toy world exists (its manifest names the one-reward users)."""
+BETA_CHOICE = "beta_sweep.json"  # <out>/results/beta_sweep.json, written by `ppd sweep beta`
+
+
+def read_beta_choice(out_dir: Path, preset: str) -> dict[str, float] | None:
+    """The β per method that `ppd sweep beta` chose on the validation split for this preset; None if there is none."""
+    path = out_dir / RESULTS_DIR / BETA_CHOICE
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    return {k: float(v) for k, v in record["chosen"].items()} if record.get("preset") == preset else None
+
+
+def plan_demo(
+    cfg: PPDConfig, workdir: Path, overrides: list[str], seed: int, world: Path, betas: dict[str, float] | None = None
+) -> DemoPlan:
+    """The jobs of one demo run after the toy world exists (its manifest names the one-reward users).
+
+    `betas` ({"ppd": β, "dpo": β}, chosen on validation by `ppd sweep beta`) sets train.beta of the PPD and
+    Diffusion-DPO runs; None keeps the preset's."""
+    beta = {m: (f"train.beta={betas[m]:g}",) if betas and m in betas else () for m in ("ppd", "dpo")}
     w = workdir.resolve()
     prepared, embeddings, precomputed = w / "prepared", w / "embeddings", w / "precomputed"
     plan = DemoPlan(w, cfg.preset, [*overrides, f"data.seed={seed}", f"train.seed={seed}"])
@@ -158,7 +178,14 @@ def plan_demo(cfg: PPDConfig, workdir: Path, overrides: list[str], seed: int, wo
         )
     one_reward_inputs = precomputed / ONE_REWARD
     for method, title in (("ppd", "PPD"), ("dpo", "Diffusion-DPO (no user)"), ("sft", "SFT on preferred images")):
-        plan.train(f"train {title} on the one-reward users", one_reward_inputs, method, base, f"train.method={method}")
+        plan.train(
+            f"train {title} on the one-reward users",
+            one_reward_inputs,
+            method,
+            base,
+            f"train.method={method}",
+            *beta.get(method, ()),
+        )
     for attribute, user_id in one_reward_user_ids(world).items():
         plan.train(
             f"train the DPO upper bound for {attribute} (user {user_id} only)",
@@ -168,8 +195,16 @@ def plan_demo(cfg: PPDConfig, workdir: Path, overrides: list[str], seed: int, wo
             "train.method=dpo",
             f"train.users=[{user_id}]",
             f"train.max_steps={cfg.train.upper_bound_steps}",
+            *beta["dpo"],
         )
-    plan.train("train PPD on the population", precomputed / POPULATION, POPULATION_VARIANT, base, "train.method=ppd")
+    plan.train(
+        "train PPD on the population",
+        precomputed / POPULATION,
+        POPULATION_VARIANT,
+        base,
+        "train.method=ppd",
+        *beta["ppd"],
+    )
     plan.add(
         "evaluate every model on the hidden rewards",
         w / "eval" / "results.json",
@@ -196,21 +231,33 @@ def plan_demo(cfg: PPDConfig, workdir: Path, overrides: list[str], seed: int, wo
 
 
 def write_results(results: dict, out_dir: Path, command: str) -> tuple[Path, Path]:
-    """results.json and RESULTS.md in `out_dir`; figures are copied beside them so the Markdown links resolve."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    figures_dir = out_dir / "results_figures"
-    figures_dir.mkdir(exist_ok=True)
+    """results/seed<S>.json, then RESULTS.md from every seed's file in `out_dir` (seeds side by side); the figures are
+    copied beside them (results_figures/seed<S>/) so the Markdown links resolve."""
+    seed = int(results["seed"])
+    figures_dir = out_dir / FIGURES_DIR / f"seed{seed}"
+    figures_dir.mkdir(parents=True, exist_ok=True)
     figures = {}
     for name, path in results.get("figures", {}).items():
         target = figures_dir / Path(path).name
         shutil.copyfile(path, target)
         figures[name] = str(target.relative_to(out_dir))
     results = {**results, "figures": figures}
-    json_path, md_path = out_dir / "results.json", out_dir / "RESULTS.md"
+    json_path = out_dir / RESULTS_DIR / f"seed{seed}.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(results, indent=2) + "\n")
+    return json_path, rerender_results(out_dir, command)
+
+
+def rerender_results(out_dir: Path, command: str) -> Path:
+    """Rewrite RESULTS.md from the results/seed<S>.json files in `out_dir` (same numbers; picks up report changes)."""
+    paths = sorted((out_dir / RESULTS_DIR).glob("seed*.json"))
+    if not paths:
+        raise JobError(f"no {out_dir / RESULTS_DIR}/seed<S>.json: run `ppd demo` first")
+    runs = [json.loads(path.read_text()) for path in paths]
     investigation = INVESTIGATION_NOTES.read_text() if INVESTIGATION_NOTES.is_file() else None
-    md_path.write_text(render_results_markdown(results, figures, command, investigation))
-    return json_path, md_path
+    md_path = out_dir / "RESULTS.md"
+    md_path.write_text(render_results_markdown(runs, command, investigation))
+    return md_path
 
 
 def run_demo(
@@ -240,7 +287,13 @@ def run_demo(
     else:
         log(f"== toy world ({cfg.preset}, seed {seed}) -> {world}")
         generate_world(cfg, world, seed)
-    plan = plan_demo(cfg, workdir, overrides, seed, world)
+    betas = read_beta_choice(out_dir, cfg.preset)
+    log(
+        f"β from {out_dir / RESULTS_DIR / BETA_CHOICE} (chosen on validation): {betas}"
+        if betas
+        else f"β of the preset ({cfg.train.beta:g}): no `ppd sweep beta` choice for preset {cfg.preset} in {out_dir}"
+    )
+    plan = plan_demo(cfg, workdir, overrides, seed, world, betas)
     (workdir / "adapters.json").write_text(json.dumps(plan.adapters, indent=1) + "\n")
     (workdir / "plan.sh").write_text(
         "# The demo's jobs; each line can be run with `ray job submit --address ... --working-dir . -- <line>`\n"
@@ -261,7 +314,7 @@ def run_demo(
                 continue
             started = time.monotonic()
             log(f"== [{index}/{len(plan.stages)}] {stage.title}")
-            outcome = cluster.submit_and_wait(stage.entrypoint, working_dir=REPO_ROOT, env_vars=env, on_log=_job_line)
+            outcome = cluster.submit_and_wait(stage.entrypoint, working_dir=REPO_ROOT, env_vars=env, on_log=job_line)
             timings[stage.title] = round(time.monotonic() - started, 1)
             timings_path.write_text(json.dumps(timings, indent=1) + "\n")
             log(f"   [{index}/{len(plan.stages)}] done in {timings[stage.title]:.0f}s ({outcome.job_id})")
@@ -272,54 +325,21 @@ def run_demo(
         results.setdefault("figures", {})["top-k user classification"] = str(top_k_plot)
     runtime = round(time.monotonic() - began + kept_seconds, 1)
     results.update({"preset": cfg.preset, "seed": seed, "runtime_s": runtime, "resumed": bool(kept_seconds)})
+    results["beta"] = {"ppd": cfg.train.beta, "dpo": cfg.train.beta, **(betas or {})}
+    results["beta_source"] = "ppd sweep beta (validation split)" if betas else "preset"
     write_results(results, out_dir, command)
     return results
 
 
-def rerender_results(out_dir: Path, command: str) -> Path:
-    """Rewrite RESULTS.md from the results.json next to it (same numbers; picks up report and notes changes)."""
-    path = out_dir / "results.json"
-    if not path.is_file():
-        raise JobError(f"{path} does not exist: run `ppd demo` first")
-    results = json.loads(path.read_text())
-    investigation = INVESTIGATION_NOTES.read_text() if INVESTIGATION_NOTES.is_file() else None
-    md_path = out_dir / "RESULTS.md"
-    md_path.write_text(render_results_markdown(results, results.get("figures", {}), command, investigation))
-    return md_path
-
-
-def _job_line(line: str) -> None:
+def job_line(line: str) -> None:
     # Forward the jobs' own progress lines (our `[ppd ...]` log and errors), not Ray's per-task chatter.
     if line.startswith("[ppd") or "error" in line.lower():
         print(f"   | {line}", flush=True)
 
 
 def summary_table(results: dict) -> str:
-    """The headline numbers as a plain-text table for the terminal."""
-    rows = [("measure", "value", "target")]
-    for attribute, entry in results.get("one_reward", {}).items():
-        est = entry["win_rate_vs_base"]
-        rows.append((f"PPD win rate vs base: {attribute}", _ci(est), ">= 85%"))
-    for attribute, sweep in results.get("interpolation", {}).items():
-        rows.append((f"interpolation Spearman: {attribute}", f"{sweep['spearman']:.2f}", ">= 0.90"))
-    for split, entry in results.get("population", {}).items():
-        target = {"test_seen": ">= 80%", "test_unseen": ">= 75%"}.get(split, "")
-        rows.append((f"population {split} win rate vs base", _ci(entry["win_rate_vs_base"]), target))
-    judge = results.get("judge")
-    if judge:
-        rows.append(
-            (
-                f"judge accuracy ({judge['backend']}), dropped",
-                f"{judge['accuracy']:.0%}, {judge['dropped_share']:.0%}",
-                "",
-            )
-        )
-    classifier = results.get("classifier")
-    if classifier:
-        rows.append(("classifier top-16 (chance)", f"{classifier['top16']:.0%} ({classifier['chance16']:.0%})", ""))
-    width = max(len(r[0]) for r in rows)
-    return "\n".join(f"{a:<{width}}  {b:<22} {c}" for a, b, c in rows)
-
-
-def _ci(est: dict) -> str:
-    return f"{est['value']:.0%} [{est['ci95'][0]:.0%}, {est['ci95'][1]:.0%}]"
+    """Every target of this run as a plain-text table for the terminal (the same checks as RESULTS.md)."""
+    rows = [("target", "value", "goal", "")]
+    rows += [(c.name, c.value, c.target, "met" if c.met else "MISSED") for c in target_checks(results)]
+    widths = [max(len(row[k]) for row in rows) for k in range(3)]
+    return "\n".join(f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d}" for a, b, c, d in rows)

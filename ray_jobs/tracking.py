@@ -132,6 +132,15 @@ def open_run(uri: str, experiment: str, run_name: str, tags: dict[str, str], res
     return client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
 
 
+def log_metrics(uri: str, run_id: str, metrics: dict[str, float]) -> None:
+    """Add metrics to an existing run (e.g. a sweep's validation score on each of its training runs)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, float(value))
+
+
 def close_run(uri: str, run_id: str, status: str) -> None:
     """End a run as FINISHED, FAILED or KILLED."""
     from mlflow import MlflowClient

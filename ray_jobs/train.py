@@ -456,7 +456,13 @@ def run(cfg: PPDConfig, precomputed: Path, out: Path, tracking: str | None = Non
             uri,
             cfg.tracking.experiment,
             run_name=f"{cfg.train.method}-{out.name}",
-            tags={"method": cfg.train.method, "preset": cfg.preset, "out": str(out), "precomputed": str(precomputed)},
+            tags={
+                "method": cfg.train.method,
+                "preset": cfg.preset,
+                "out": str(out),
+                "precomputed": str(precomputed),
+                **({"mlflow.parentRunId": cfg.tracking.parent_run_id} if cfg.tracking.parent_run_id else {}),
+            },
             resume_run_id=previous.get("run_id"),
         )
         _write_run_record(out, cfg, run_id)

@@ -28,6 +28,7 @@ class JudgeQuery:
     image_a: bytes
     image_b: bytes
     user_id: int | None = None  # whose taste is judged; backends that know users (the toy oracle) read it
+    profile: str | None = None  # the user's profile text from the embedder (VLM embedders write one), if any
 
 
 # A judge answers 0 (first image shown) or 1 (second image shown), or None when its answer cannot be parsed.
@@ -76,6 +77,8 @@ def oracle_judge(reward: Callable[[bytes], float]) -> Callable[[JudgeQuery, bool
 
 
 _ANSWER = re.compile(r"\b(?:image\s*)?([12])\b", re.IGNORECASE)
+# The last line of a chain-of-thought verdict, as the prompt asks for it.
+_FINAL_ANSWER = re.compile(r"preference\s*:\s*\[?\s*(?:image\s*)?([12])\b", re.IGNORECASE)
 
 
 def parse_answer(text: str) -> Verdict:
@@ -86,13 +89,35 @@ def parse_answer(text: str) -> Verdict:
     return int(found.pop()) - 1
 
 
+def parse_reasoned_answer(text: str) -> Verdict:
+    """The verdict of a chain-of-thought reply: its last 'Preference: 1|2' (the reasoning may name both images)."""
+    found = _FINAL_ANSWER.findall(text or "")
+    return int(found[-1]) - 1 if found else None
+
+
 def _image_part(data: bytes) -> dict:
     kind = "png" if data[:4] == b"\x89PNG" else "jpeg"
     return {"type": "image_url", "image_url": {"url": f"data:image/{kind};base64,{base64.b64encode(data).decode()}"}}
 
 
-def chat_messages(query: JudgeQuery, swapped: bool) -> list[dict]:
-    """The judge prompt as OpenAI chat messages: the user's examples, then the new pair, asking for 1 or 2."""
+# Supplementary B.3 / Table 2, in our own words: a system role, the labelled examples with a chain of thought
+# (describe, contrast, sum up as a profile), then the prediction for the new pair.
+JUDGE_SYSTEM_PROMPT = (
+    "You judge images on behalf of one particular person. From pairs of images this person has already compared, "
+    "you work out their taste in style, quality and look, and predict which of two new images they would choose."
+)
+REASONING_STEPS = (
+    "Before answering: (1) for each example, describe both images: style, visual quality, look; (2) say how the two "
+    "images of each example differ; (3) sum up in a short profile what the chosen images have that the others lack."
+)
+FINAL_LINE = "Finish your reply with a single line of the form 'Preference: 1' or 'Preference: 2'."
+
+
+def chat_messages(query: JudgeQuery, swapped: bool, chain_of_thought: bool = False) -> list[dict]:
+    """The judge prompt as OpenAI chat messages: the user's examples, then the new pair.
+
+    `chain_of_thought`: B.3's protocol (system role, reasoning steps, the profile when known, a final
+    'Preference: N' line); otherwise a bare 'answer 1 or 2' question (short, for greedy checks)."""
     content: list[dict] = [
         {
             "type": "text",
@@ -110,14 +135,23 @@ def chat_messages(query: JudgeQuery, swapped: bool) -> list[dict]:
             _image_part(second),
             {"type": "text", "text": f"They preferred image {choice + 1}."},
         ]
+    if chain_of_thought:
+        content.append({"type": "text", "text": REASONING_STEPS})
+        if query.profile:
+            content.append(
+                {"type": "text", "text": f"A profile of this person, written from these examples: {query.profile}"}
+            )
     first, second = (query.image_b, query.image_a) if swapped else (query.image_a, query.image_b)
     content += [
         {"type": "text", "text": f"New caption: {query.caption}. Image 1:"},
         _image_part(first),
         {"type": "text", "text": "Image 2:"},
         _image_part(second),
-        {"type": "text", "text": "Which image would this person prefer? Answer with 1 or 2 only."},
     ]
+    if chain_of_thought:
+        content.append({"type": "text", "text": "Which new image would this person prefer? " + FINAL_LINE})
+        return [{"role": "system", "content": JUDGE_SYSTEM_PROMPT}, {"role": "user", "content": content}]
+    content.append({"type": "text", "text": "Which image would this person prefer? Answer with 1 or 2 only."})
     return [{"role": "user", "content": content}]
 
 
@@ -128,30 +162,34 @@ def openai_judge(
     timeout_s: float = 120.0,
     max_tokens: int = 8,
     temperature: float = 0.0,
+    top_p: float = 1.0,
+    chain_of_thought: bool = False,
+    max_retries: int = 2,
     extra_body: Mapping[str, Any] | None = None,
 ) -> Callable[[JudgeQuery, bool], Verdict]:
-    """A judge backed by an OpenAI-compatible `/v1/chat/completions` endpoint (greedy, short answers by default).
+    """A judge backed by an OpenAI-compatible chat endpoint (the `openai` client: retries, timeouts).
 
-    `extra_body` adds request fields, e.g. vLLM's `{"structured_outputs": {"choice": ["1", "2"]}}` to restrict the
-    answer to the two verdicts.
+    Defaults are a greedy, short answer; the evaluation's judge (`make_judge`) runs B.3's protocol instead:
+    chain of thought, temperature 1.0, top-p 1.0, verdict parsed from the final 'Preference: N' line. `extra_body`
+    adds request fields, e.g. vLLM's `{"structured_outputs": {"choice": ["1", "2"]}}` for a bare answer.
     """
-    import httpx
+    from openai import OpenAI
 
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    client = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_s)
+    # The endpoint may need no key (a local vLLM server); the client insists on one, so send a placeholder.
+    client = OpenAI(
+        base_url=base_url.rstrip("/") + "/v1", api_key=api_key or "none", timeout=timeout_s, max_retries=max_retries
+    )
+    parse = parse_reasoned_answer if chain_of_thought else parse_answer
 
     def ask(query: JudgeQuery, swapped: bool) -> Verdict:
-        response = client.post(
-            "/v1/chat/completions",
-            json={
-                "model": model,
-                "messages": chat_messages(query, swapped),
-                "temperature": temperature,
-                "max_tokens": max_tokens,
-                **(extra_body or {}),
-            },
+        response = client.chat.completions.create(
+            model=model,
+            messages=chat_messages(query, swapped, chain_of_thought),
+            temperature=temperature,
+            top_p=top_p,
+            max_tokens=max_tokens,
+            extra_body=dict(extra_body or {}) or None,
         )
-        response.raise_for_status()
-        return parse_answer(response.json()["choices"][0]["message"]["content"])
+        return parse(response.choices[0].message.content or "")
 
     return ask

@@ -155,7 +155,16 @@ def make_judge(cfg: PPDConfig, world: Path | None) -> Judge:
     if not settings.judge_base_url or not settings.judge_model:
         raise ValueError("eval.judge=openai needs eval.judge_base_url and eval.judge_model")
     api_key = os.environ.get(settings.judge_api_key_env) or None  # read when the judge is built, never at import
-    return Judge(f"openai:{settings.judge_model}", openai_judge(settings.judge_base_url, settings.judge_model, api_key))
+    ask = openai_judge(
+        settings.judge_base_url,
+        settings.judge_model,
+        api_key,
+        max_tokens=settings.judge_max_tokens,
+        temperature=settings.judge_temperature,
+        top_p=settings.judge_top_p,
+        chain_of_thought=settings.judge_chain_of_thought,
+    )
+    return Judge(f"openai:{settings.judge_model}", ask)
 
 
 def evaluate_judge(

