@@ -92,6 +92,8 @@ function el(tag, props = {}, ...children) {
 function image(src, alt) {
   const img = el("img", { src, alt, decoding: "async" });
   img.addEventListener("load", () => img.classList.toggle("pixelated", img.naturalWidth < SMALL_IMAGE_PX));
+  // An upload the browser cannot decode: say so in place (the server will name the field if it is sent).
+  img.addEventListener("error", () => img.replaceWith(el("span", { className: "empty", textContent: `${alt}: not an image this browser can show` })));
   return img;
 }
 
