@@ -129,13 +129,21 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def browser():
+def browser(tmp_path_factory):
     from playwright.sync_api import sync_playwright
 
     executable = _chromium()
+    # Playwright gives every launch a fresh, temporary profile (user data dir); Chromium still keeps crash-report
+    # and desktop settings under $HOME and the XDG folders: point those at a temporary folder too.
+    home = tmp_path_factory.mktemp("chromium-home")
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "XDG_CONFIG_HOME": str(home / "config"),
+        "XDG_CACHE_HOME": str(home / "cache"),
+    }
     with sync_playwright() as playwright:
-        # Playwright gives every launch a fresh, temporary profile (user data dir).
-        chromium = playwright.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS)
+        chromium = playwright.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS, env=env)
         yield chromium
         chromium.close()
 
