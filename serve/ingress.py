@@ -47,7 +47,7 @@ from serve.schemas import (
     check_mix,
     check_pairs,
 )
-from serve.web import ExamplePairs, WebPage
+from serve.web import ASSETS, ExamplePairs, WebPage
 
 logger = logging.getLogger("ray.serve")
 DEFAULT_MAX_BODY_BYTES = 2 * 2**20
@@ -406,7 +406,7 @@ class Ingress:
 
     @api.get("/ui/{name}", include_in_schema=False)
     async def page_asset(self, name: str) -> Response:
-        if name not in ("app.js", "style.css"):
+        if name not in ASSETS or name == "index.html":  # the page itself is served at / only
             return _error(404, "not_found", f"{name}: no such file", field="path")
         return self.page.response(name)
 
