@@ -25,6 +25,9 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 setup: $(VENV)/.installed
+	@# The browser of the web page's test (Debian's Chromium; quiet when present). A machine without apt still gets
+	@# the rest of the set-up: the test itself tries again and says why it skips.
+	@bash scripts/install_chromium.sh || echo "warning: no Chromium: tests/integration/test_web.py will skip" >&2
 
 # `make demo DEMO_ARGS="--preset smoke"`: the same command at another size (CI runs it so).
 demo: setup

@@ -230,6 +230,7 @@ class ServeLimits(_Section):
     max_guidance: float = Field(20.0, gt=0, description="text guidance scale")
     max_user_scale: float = Field(4.0, gt=0, description="user scale s")
     max_mix_users: int = Field(8, ge=2, description="users in one weighted mix")
+    max_example_pairs: int = Field(16, ge=1, description="example pairs per GET /v1/example-pairs")
 
 
 class AutoscalingSpec(_Section):
@@ -282,6 +283,11 @@ class ServeConfig(_Section):
     adapter_dir: str = Field(
         "runs/demo/runs/ppd_population/adapter",
         description="adapter checkpoint served (safetensors + JSON); `ppd demo` writes it",
+    )
+    example_pairs_dir: str = Field(
+        "runs/demo/prepared/population/validation",
+        description="a prepared split (Pick-a-Pic v2 parquet) the web page draws example pairs from; "
+        "`ppd demo` writes this one (a missing folder: the page asks for uploads instead)",
     )
     auth: Literal["auto", "on", "off"] = Field(
         "auto", description="bearer-token auth; auto = on when Serve's HTTP proxy binds a non-loopback address"
@@ -511,6 +517,8 @@ def llava_ov7b_vllm_h100x8() -> PPDConfig:
 
 # Where the train job of the cluster writes its run (cluster/rayjob-train.yaml: --out); the adapter is under it.
 CLUSTER_RUN_DIR = "/mnt/shared/runs/ppd"
+# Where the cluster's prepare job writes its splits (cluster/jobs/prepare.yaml: --out); the page's examples are there.
+CLUSTER_PREPARED_DIR = "/mnt/shared/runs/prepared"
 
 
 def serve_lite_h100() -> PPDConfig:
@@ -523,6 +531,7 @@ def serve_lite_h100() -> PPDConfig:
         [
             "preset=serve_lite_h100",
             f"serve.adapter_dir={CLUSTER_RUN_DIR}/adapter",
+            f"serve.example_pairs_dir={CLUSTER_PREPARED_DIR}/validation",
             "serve.auth='on'",
             "serve.max_batch_size=16",
             "serve.embedder.gpus=1",

@@ -27,7 +27,7 @@ def serve_command(
     port: Annotated[int | None, typer.Option(help="port (default: the file's http_options.port)")] = None,
     check: Annotated[bool, typer.Option("--check", help="validate the config and the adapter, then exit")] = False,
 ) -> None:
-    """Serve the PPD app over HTTP (POST /v1/users, /v1/generate, /v1/personalize; OpenAPI at /docs)."""
+    """Serve the PPD app over HTTP: the web page at /, the API (POST /v1/users, /v1/generate, ...; OpenAPI at /docs)."""
     from ray.serve.schema import ServeDeploySchema
 
     from serve.app import AppArgs
@@ -53,7 +53,7 @@ def serve_command(
     http_options.update({k: v for k, v in (("host", host), ("port", port)) if v is not None})
     typer.echo(
         f"serving {adapter_dir} ({meta.train_method}, base {meta.base_model}) with embedder {cfg.embed.embedder} "
-        f"on http://{http_options['host']}:{http_options['port']} (OpenAPI: /docs)"
+        f"on http://{http_options['host']}:{http_options['port']}/ (the web page; OpenAPI: /docs)"
     )
     if check:
         return

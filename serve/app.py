@@ -44,10 +44,12 @@ def build_app(args: dict[str, Any]) -> Application:
 def compose(cfg: PPDConfig, runtime_env: dict | None = None) -> Application:
     """The bound application for `cfg`; `runtime_env` (e.g. env_vars) is added to every replica."""
     adapter_dir, _ = resolve_adapter(cfg)  # fail here, with what to do, rather than in a replica's constructor
-    # Replicas may start in another working directory: pass the adapter as an absolute path.
-    served = cfg.model_copy(
-        update={"serve": cfg.serve.model_copy(update={"adapter_dir": str(Path(adapter_dir))})}
-    ).to_dict()
+    # Replicas may start in another working directory: pass the adapter and the example split as absolute paths.
+    absolute = {
+        "adapter_dir": str(Path(adapter_dir)),
+        "example_pairs_dir": str(Path(cfg.serve.example_pairs_dir).expanduser().resolve()),
+    }
+    served = cfg.model_copy(update={"serve": cfg.serve.model_copy(update=absolute)}).to_dict()
     serve_cfg = cfg.serve
 
     def options(spec_options: dict) -> dict:

@@ -15,7 +15,7 @@ import os
 import secrets
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -25,14 +25,17 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.handle import DeploymentHandle
 
 from ppd.config import PPDConfig
+from ppd.data.example_pairs import ExamplesMissing
 from serve.embedder import EmbeddedUser
 from serve.generator import GenerationJob
 from serve.schemas import (
     CreateUserRequest,
     ErrorResponse,
+    ExamplePairsResponse,
     GeneratedImage,
     GenerateRequest,
     GenerateResponse,
+    PageSettings,
     PersonalizeRequest,
     PersonalizeResponse,
     RequestError,
@@ -44,6 +47,7 @@ from serve.schemas import (
     check_mix,
     check_pairs,
 )
+from serve.web import ASSETS, ExamplePairs, WebPage
 
 logger = logging.getLogger("ray.serve")
 DEFAULT_MAX_BODY_BYTES = 2 * 2**20
@@ -228,6 +232,20 @@ class Ingress:
         api.state.max_body_bytes = self.limits.max_body_bytes
         api.state.auth_token = auth_token(cfg, _bind_host())
         self._compatible = False
+        self.page = WebPage()
+        self.examples = ExamplePairs(cfg)
+        self.page_settings = PageSettings(
+            auth_required=api.state.auth_token is not None,
+            shots=self.shots,
+            default_user_scale=cfg.model.user_scale,
+            max_user_scale=self.limits.max_user_scale,
+            default_steps=cfg.eval.inference_steps,
+            default_guidance=cfg.eval.guidance,
+            max_images=self.limits.max_images,
+            max_caption_chars=self.limits.max_caption_chars,
+            max_image_bytes=self.examples.budget.max_bytes,  # what fits N pairs in one request body
+            max_image_pixels=self.limits.max_image_pixels,
+        )
 
     async def _call(self, method: Any, *args: Any, retries: int = 1) -> Any:
         """`await method.remote(*args)` with the deadline; a dead replica is retried (generation is seeded)."""
@@ -373,6 +391,40 @@ class Ingress:
         if body.response_format == "png":
             return self._images(settings, pngs, "png")
         return self._images(settings, pngs, "json", profile=user.profile, embedding_shape=list(user.embedding.shape))
+
+    # --- the web page (serve/web/; it calls the routes above like any client) ------------------------------------------
+
+    @api.get("/", include_in_schema=False)
+    async def page(self) -> Response:
+        """The web page: pick the preferred image of N pairs, personalise, compare base and personalised images."""
+        return self.page.response("index.html")
+
+    @api.get("/ui/settings", response_model=PageSettings, tags=["web"])
+    async def settings(self) -> PageSettings:
+        """What the page needs before its first call: is auth on, N, slider and image limits (open, like /healthz)."""
+        return self.page_settings
+
+    @api.get("/ui/{name}", include_in_schema=False)
+    async def page_asset(self, name: str) -> Response:
+        if name not in ASSETS or name == "index.html":  # the page itself is served at / only
+            return _error(404, "not_found", f"{name}: no such file", field="path")
+        return self.page.response(name)
+
+    @api.get("/v1/example-pairs", response_model=ExamplePairsResponse, responses=_ERRORS, tags=["web"])
+    async def example_pairs(
+        self,
+        count: int | None = Query(None, ge=1, description="pairs to return (default: N, the pairs a user needs)"),
+        seed: int = Query(0, ge=0, le=2**31 - 1, description="the same seed returns the same pairs"),
+        _: None = Authorized,
+    ):
+        """Example preference pairs from the served world (serve.example_pairs_dir; 404 when it is missing)."""
+        count = self.shots if count is None else count
+        if count > self.limits.max_example_pairs:
+            raise RequestError(422, "count", f"must be at most {self.limits.max_example_pairs}, got {count}")
+        try:
+            return await asyncio.to_thread(self.examples.sample, count, seed)
+        except ExamplesMissing as err:
+            return _error(404, "no_example_pairs", str(err))  # the server's set-up, not the request, is at fault
 
     @api.get("/v1/stats", tags=["ops"], responses=_ERRORS)
     async def stats(self, _: None = Authorized) -> dict:

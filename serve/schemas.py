@@ -131,6 +131,34 @@ class PersonalizeResponse(GenerateResponse):
     embedding_shape: list[int]
 
 
+class ExamplePairOut(BaseModel):
+    caption: str
+    image_0: str = Field(description="data: URI (base64 PNG/JPEG); its base64 part is accepted by POST /v1/users")
+    image_1: str = Field(description="data: URI (base64 PNG/JPEG); its base64 part is accepted by POST /v1/users")
+    source: str = Field(description="file:row_group:row of the split the pair comes from")
+
+
+class ExamplePairsResponse(BaseModel):
+    pairs: list[ExamplePairOut]
+    split: str = Field(description="the folder the pairs were drawn from (serve.example_pairs_dir)")
+    available: int = Field(description="pairs in that split")
+
+
+class PageSettings(BaseModel):
+    """What the web page needs to know before its first API call (nothing secret: it is open like /healthz)."""
+
+    auth_required: bool = Field(description="true when /v1/* needs `Authorization: Bearer <token>`")
+    shots: int = Field(description="preference pairs per user (N)")
+    default_user_scale: float
+    max_user_scale: float
+    default_steps: int
+    default_guidance: float
+    max_images: int
+    max_caption_chars: int
+    max_image_bytes: int
+    max_image_pixels: int
+
+
 class ErrorResponse(BaseModel):
     error: str = Field(description="short reason, e.g. invalid_request, unknown_user, unauthorized")
     field: str | None = Field(None, description="the request field at fault, if one is")

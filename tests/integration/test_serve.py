@@ -42,6 +42,7 @@ TEST_OVERRIDES = [
     "serve.embedder.cpus=0.2",
     "serve.ingress.cpus=0.2",
     "eval.inference_steps=4",
+    "serve.example_pairs_dir=/nonexistent/ppd-test/validation",  # the web page's examples: see test_web.py
 ]
 
 
@@ -111,6 +112,20 @@ def test_healthz_and_openapi(client):
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/users", "/v1/users/{handle}", "/v1/generate", "/v1/personalize", "/healthz"} <= set(paths)
     assert client.get("/docs").status_code == 200
+
+
+def test_web_page_and_its_settings_with_auth_off(client, app):
+    _, cfg = app
+    page = client.get("/")
+    assert page.status_code == 200 and "/ui/app.js" in page.text
+    settings = client.get("/ui/settings").json()
+    assert settings["auth_required"] is False  # loopback, auth auto: the page asks for no token
+    assert settings["shots"] == cfg.data.shots and settings["max_user_scale"] == cfg.serve.limits.max_user_scale
+    missing = client.get("/v1/example-pairs")
+    assert missing.status_code == 404 and "/nonexistent/ppd-test/validation" in missing.json()["message"]
+    too_many = client.get("/v1/example-pairs", params={"count": 17})
+    assert too_many.status_code == 422 and too_many.json()["field"] == "count"
+    assert client.get("/ui/secrets.txt").status_code == 404
 
 
 def test_create_user_returns_an_opaque_handle_and_never_the_embedding(client, users):

@@ -120,6 +120,7 @@ def test_each_job_reads_what_the_previous_job_writes() -> None:
     assert outputs["train"]["--precomputed"] == outputs["precompute"]["--out"]
     serve_cfg = load_config("serve_lite_h100")
     assert serve_cfg.serve.adapter_dir == f"{outputs['train']['--out']}/adapter"  # ray_jobs.train writes OUT/adapter
+    assert serve_cfg.serve.example_pairs_dir == f"{outputs['prepare']['--out']}/validation"  # the page's examples
 
 
 @pytest.mark.parametrize("preset", TRAINING_PRESETS)
