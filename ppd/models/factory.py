@@ -34,7 +34,7 @@ from ppd.models.stage_c import (
 from ppd.models.text import CaptionEncoder, build_tiny_clip_tokenizer, tiny_clip_text_config
 
 # Bump when a tiny config changes, so stale caches are not reused.
-TINY_MODELS_VERSION = "tiny-v1"
+TINY_MODELS_VERSION = "tiny-v2"  # v2: 32 px toy world (half-side second level), deterministic tokenizer
 TINY_MODELS_SEED = 0
 # Tiny Stage B latents are 2x the Stage C side (8 -> 16), Stage A upsamples 4x (16 -> 64 px).
 TINY_STAGE_B_SCALE = 2.0

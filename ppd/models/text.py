@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
+from collections import Counter
 from collections.abc import Iterable, Sequence
 
 import torch
-from tokenizers import pre_tokenizers, trainers
+from tokenizers import pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ppd.models.stage_c import TINY_CLIP_DIM
@@ -18,37 +18,78 @@ CLIP_MAX_LENGTH = 77
 # Anything else still tokenizes: every byte is in the vocabulary, as in CLIP's own byte-level BPE.
 _TINY_TOKENIZER_CORPUS = """
 a an the of on in with and at near far over under left right top bottom centre center middle corner edge
-small large big tiny huge medium sized size circle square triangle star ring cross blob shape shapes
-red orange yellow green blue purple pink white black grey gray brown cyan magenta dark light bright dim pale
+small large big tiny huge medium sized size circle square triangle diamond star ring cross blob shape shapes
+red orange yellow green teal blue purple pink white black grey gray brown cyan magenta dark light bright dim pale
 vivid muted saturated desaturated warm cool colour color colours colors background foreground picture image
-photo painting drawing of two three several many one single centred centered off offset bold soft sharp
+photo painting drawing showing of two three several many one single centred centered off offset bold soft sharp
 user prefers preferred likes dislikes profile images that are more less than very rather strongly slightly
 brightness saturation centredness warmth contrast composition style mood scene sky sea forest city cat dog
 """
 
 
 def build_tiny_clip_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 1024) -> CLIPTokenizer:
-    """A CLIP byte-level BPE tokenizer trained locally (offline) on a small corpus; every byte stays encodable."""
+    """A CLIP byte-level BPE tokenizer trained locally (offline) on a small corpus; every byte stays encodable.
+
+    The merges are learned here, deterministically (most frequent pair first, ties in lexical order): the `tokenizers`
+    trainer breaks ties by hash order, which gave a different vocabulary on every build."""
     texts = list(corpus) if corpus is not None else _TINY_TOKENIZER_CORPUS.split("\n")
     bos, eos = "<|startoftext|>", "<|endoftext|>"
-    scratch = CLIPTokenizer()  # the CLIP normaliser and pre-tokeniser, with an empty vocabulary
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        end_of_word_suffix="</w>",
-        show_progress=False,
-    )
-    scratch.backend_tokenizer.train_from_iterator(texts, trainer=trainer)
-    trained = json.loads(scratch.backend_tokenizer.to_str())["model"]
-    # Vocabulary laid out as CLIP's: every byte, every byte ending a word, learned merges, then the two specials.
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    byte_to_symbol = dict(zip(sorted(set(range(256))), _bytes_to_unicode(), strict=True))
+    words: Counter[tuple[str, ...]] = Counter()
+    for text in texts:
+        for word in text.lower().split():
+            symbols = [byte_to_symbol[b] for b in word.encode("utf-8")]
+            words[(*symbols[:-1], symbols[-1] + "</w>")] += 1
+    # Vocabulary laid out as CLIP's: every byte, every byte ending a word, learned merges, then the two specials.
     tokens = alphabet + [symbol + "</w>" for symbol in alphabet]
     known = set(tokens)
-    tokens += [token for token in trained["vocab"] if token not in known]
+    merges: list[tuple[str, str]] = []
+    while len(tokens) + 2 < vocab_size:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for word, count in words.items():
+            for pair in zip(word, word[1:], strict=False):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        merged = best[0] + best[1]
+        if merged not in known:
+            tokens.append(merged)
+            known.add(merged)
+        words = Counter({_merge(word, best, merged): count for word, count in words.items()})
     tokens += [bos, eos]
     vocab = {token: index for index, token in enumerate(tokens)}
-    merges = [tuple(pair) if isinstance(pair, list) else tuple(pair.split(" ")) for pair in trained["merges"]]
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CLIP_MAX_LENGTH)
+
+
+def _merge(word: tuple[str, ...], pair: tuple[str, str], merged: str) -> tuple[str, ...]:
+    out: list[str] = []
+    index = 0
+    while index < len(word):
+        if index + 1 < len(word) and (word[index], word[index + 1]) == pair:
+            out.append(merged)
+            index += 2
+        else:
+            out.append(word[index])
+            index += 1
+    return tuple(out)
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2 / CLIP's printable stand-in for each byte value 0..255 (the byte-level alphabet, in byte order)."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    codes, extra = list(printable), 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    by_byte = dict(zip(printable, codes, strict=True))
+    return [chr(by_byte[b]) for b in range(256)]
 
 
 def tiny_clip_text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:

@@ -6,9 +6,10 @@ Recipe (what made the difference against the first base, which drew flat colour 
 - ε-prediction on Stable Cascade's cosine schedule, t ~ U(0, 1), freshly rendered images every step (no fixed
   dataset to memorise), weighted by min-SNR-γ (ω = min(SNR, γ)/SNR): low-noise steps, whose ε-error dominates a plain
   mean, no longer drown the high-noise steps that decide where and what the object is;
-- the text encoder is trained with the base (a frozen random CLIP barely separates "red circle" from "blue ring"), and
-  frozen afterwards like the real one; captions are dropped (10%) to the encoded empty caption "", what Stable
-  Cascade does and what guidance runs against;
+- the text encoder is trained with the base for the first `text_encoder_steps` (a frozen random CLIP barely separates
+  "red circle" from "blue ring"), then frozen (its EMA) like the real one: from then on the grammar's captions are
+  encoded once, not every step; captions are dropped (10%) to the encoded empty caption "", what Stable Cascade does
+  and what guidance runs against;
 - AdamW with warm-up and cosine decay; an EMA of both networks is what gets saved.
 
 Layout of the saved base (as `stabilityai/stable-cascade-prior`): `prior/`, `text_encoder/`, `tokenizer/`, plus
@@ -57,6 +58,7 @@ class PretrainSettings:
     final_lr_fraction: float = 0.1  # cosine decay to lr * this at `steps`
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
+    text_encoder_steps: int = 3000  # steps the text encoder trains with the base before it is frozen
     min_snr_gamma: float = 5.0  # 0 = plain mean of the ε-errors
     seed: int = 0
     resume_from: Path | None = None  # a saved base (with training_state/: exact resume; without: warm start)
@@ -109,6 +111,7 @@ class _Networks:
         self.rng = np.random.default_rng([settings.seed, 23])
         self.step = 0
         self.losses: list[float] = []
+        self._frozen: tuple[dict[str, int], torch.Tensor, torch.Tensor] | None = None
         state = None if source is None else Path(source) / TRAINING_STATE
         if state is not None and (state / "state.json").is_file():
             self._load_state(state)
@@ -155,6 +158,20 @@ class _Networks:
         self.rng.bit_generator.state = record["numpy_rng"]
         self.step, self.losses = int(record["step"]), list(record["losses"])
 
+    def frozen_text(self, captions: list[str], freezing_now: bool):
+        """Caption states from the frozen text encoder (its EMA, copied into the live one when it is frozen), each
+        distinct caption encoded once."""
+        if freezing_now or self._frozen is None:
+            self.text_encoder.load_state_dict(self.ema_text.state_dict())
+            self.text_encoder.eval().requires_grad_(False)
+            grammar = [UNCONDITIONAL_CAPTION, *caption_grammar()]
+            with torch.no_grad():
+                hidden, pooled = self.encode(self.text_encoder, grammar)
+            self._frozen = ({c: i for i, c in enumerate(grammar)}, hidden, pooled)
+        index, hidden, pooled = self._frozen
+        rows = torch.tensor([index[c] for c in captions])
+        return hidden[rows], pooled[rows]  # [B, 77, C], [B, 1, C]
+
     def encode(self, text_encoder: CLIPTextModelWithProjection, captions: list[str]):
         tokens = self.tokenizer(
             captions, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True, return_tensors="pt"
@@ -200,7 +217,10 @@ def pretrain_toy_base(
         text = [
             UNCONDITIONAL_CAPTION if drop else caption for drop, caption in zip(dropped, batch_captions, strict=True)
         ]
-        hidden, pooled = nets.encode(nets.text_encoder, text)  # gradients reach the text encoder
+        if nets.step < settings.text_encoder_steps:
+            hidden, pooled = nets.encode(nets.text_encoder, text)  # gradients reach the text encoder
+        else:
+            hidden, pooled = nets.frozen_text(text, nets.step == settings.text_encoder_steps)
         timestep_ratio = torch.rand(settings.batch_size)
         noise = torch.randn_like(latents)
         noise_pred = nets.unet(
@@ -220,11 +240,17 @@ def pretrain_toy_base(
         nets.optimizer.step()
         nets.step += 1
         decay = min(settings.ema_decay, (1 + nets.step) / (10 + nets.step))  # short memory early on
+        text_training = nets.step <= settings.text_encoder_steps  # the step just taken updated the text encoder
         with torch.no_grad():
-            for ema, live in ((nets.ema_unet, nets.unet), (nets.ema_text, nets.text_encoder)):
+            pairs = (
+                ((nets.ema_unet, nets.unet), (nets.ema_text, nets.text_encoder))
+                if text_training
+                else ((nets.ema_unet, nets.unet),)
+            )
+            for ema, live in pairs:
                 for ema_param, param in zip(ema.parameters(), live.parameters(), strict=True):
                     ema_param.lerp_(param, 1 - decay)
-        nets.losses.append(float(error.mean()))
+        nets.losses.append(float(error.detach().mean()))
         if progress is not None and (nets.step % 100 == 0 or nets.step == settings.steps):
             progress(nets.step, float(np.mean(nets.losses[-100:])))
     out = Path(out)

@@ -46,7 +46,7 @@ def test_smoke_demo_runs_every_stage_and_writes_results(tmp_path):
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
 
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads((out / "results" / "seed0.json").read_text())
     assert results["preset"] == "smoke" and results["seed"] == 0 and results["runtime_s"] > 0
     for attribute in ATTRIBUTES:
         entry = results["one_reward"][attribute]
@@ -60,6 +60,7 @@ def test_smoke_demo_runs_every_stage_and_writes_results(tmp_path):
 
     markdown = (out / "RESULTS.md").read_text()
     assert "Do not edit by hand" in markdown and "ppd demo --preset smoke" in markdown
+    assert "| seed 0 |" in markdown.replace("| target | goal | seed 0 |", "| seed 0 |")  # the targets table
     for link in results["figures"].values():  # the Markdown's image links resolve next to it
         assert (out / link).is_file() and f"]({link})" in markdown
     # every training run (9) and the evaluation reached the demo's MLflow store and ended FINISHED

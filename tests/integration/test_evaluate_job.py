@@ -59,6 +59,10 @@ def test_evaluate_scores_every_variant_and_writes_results(
     assert brightness["dpo"] != pytest.approx(brightness["base"])
     assert not math.isnan(brightness["dpo_upper"]) and math.isnan(results["one_reward"]["size"]["mean"]["dpo_upper"])
     assert set(results["interpolation"]) == set(ATTRIBUTES)
+    # the base's quality gate, measured on the base images of this evaluation: a random tiny base draws no toy world
+    gate = results["base_quality"]
+    assert gate["samples"] == 2 * 2 and not gate["passed"] and set(gate["ks"]) == set(ATTRIBUTES)
+    assert results["objects"]["toy_world"]["object_rate"] >= 0.95  # the measure sees the renders' objects
     for name in ("samples.png", "win_rates.png", "interpolation.png", "scores.parquet"):
         assert (tmp_path / "eval" / name).stat().st_size > 0
 
@@ -74,3 +78,26 @@ def test_evaluate_scores_every_variant_and_writes_results(
     # artifacts went through the (now stopped) server into its artifact root, under this run's id
     logged = list(store.glob(f"artifacts/**/{run_info.info.run_id}/**/evaluation/results.json"))
     assert len(logged) == 1 and json.loads(logged[0].read_text())["one_reward"] == on_disk["one_reward"]
+
+
+def test_validate_scores_adapters_on_validation_captions_only(
+    ray_local, toy_world, one_reward_prepared, smoke_config, tmp_path
+):
+    from ppd.eval.evaluate import read_split
+    from ray_jobs.validate import run as validate
+
+    cfg = smoke_config.with_overrides(["eval.captions=2", "eval.seeds_per_caption=1", "eval.inference_steps=3"])
+    adapters = {
+        "ppd_beta1": _adapter(cfg, tmp_path / "zero", "ppd", 0.0),  # adds nothing: scores exactly as the base
+        "ppd_beta4": _adapter(cfg, tmp_path / "random", "ppd", 0.5),
+    }
+    results = validate(cfg, toy_world, one_reward_prepared, adapters, tmp_path / "validation")
+    assert json.loads((tmp_path / "validation" / "validation.json").read_text()) == results
+    assert results["ppd_beta1"]["mean_reward"] == pytest.approx(results["ppd_beta1"]["base_mean_reward"])
+    assert results["ppd_beta1"]["win_rate_vs_base"]["value"] == 0.5  # ties only
+    assert results["ppd_beta4"]["mean_reward"] != pytest.approx(results["ppd_beta4"]["base_mean_reward"])
+    # 5 one-reward users x 2 validation captions x 1 seed, and never a test caption
+    assert results["ppd_beta4"]["win_rate_vs_base"]["n"] == len(ATTRIBUTES) * 2
+    validation = set(read_split(one_reward_prepared, "validation", ["caption"])["caption"])
+    test = set(read_split(one_reward_prepared, "test_seen", ["caption"])["caption"])
+    assert validation and not validation & test

@@ -84,6 +84,18 @@ def test_caption_encoder_round_trips_the_tokenizer_and_shapes(cache_dir) -> None
     assert torch.allclose(hidden[0], hidden[2]) and not torch.allclose(pooled[0], pooled[1])
 
 
+def test_the_tiny_tokenizer_is_the_same_on_every_build() -> None:
+    # The project builds it on every machine (and every pretraining run): a tie broken by hash order would give each
+    # build its own vocabulary, and a saved text encoder would read other token ids than it was trained on.
+    first, second = build_tiny_clip_tokenizer(), build_tiny_clip_tokenizer()
+    assert first.get_vocab() == second.get_vocab()
+    assert first.backend_tokenizer.to_str() == second.backend_tokenizer.to_str()  # merges included
+    caption = "an image showing a teal diamond"
+    assert first(caption).input_ids == second(caption).input_ids
+    assert first.decode(first(caption).input_ids, skip_special_tokens=True).strip() == caption
+    assert len(first(caption).input_ids) == 2 + len(caption.split())  # every grammar word is one token
+
+
 def test_personalised_model_from_the_factory_trains_only_the_adapter(cache_dir) -> None:
     model = build_personalized_stage_c(ModelConfig(architecture="tiny", cache_dir=str(cache_dir)), (4, 24))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

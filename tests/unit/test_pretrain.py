@@ -22,18 +22,22 @@ def _weights(directory) -> dict[str, torch.Tensor]:
 
 def test_two_chunks_equal_one_run_and_the_base_loads(tmp_path):
     cfg = smoke()
-    settings = PretrainSettings(steps=4, batch_size=4, warmup_steps=2, seed=3)
+    # the text encoder trains for 2 steps, then is frozen: the chunk boundary (step 3) falls after the freeze
+    settings = PretrainSettings(steps=4, batch_size=4, warmup_steps=2, seed=3, text_encoder_steps=2)
     whole = pretrain_toy_base(cfg, settings, tmp_path / "whole")
     assert whole["steps_done"] == 4 and whole["finished"]
 
-    half = pretrain_toy_base(cfg, replace(settings, stop_at=2), tmp_path / "half")
-    assert half["steps_done"] == 2 and not half["finished"]
+    half = pretrain_toy_base(cfg, replace(settings, stop_at=3), tmp_path / "half")
+    assert half["steps_done"] == 3 and not half["finished"]
     resumed = pretrain_toy_base(cfg, replace(settings, resume_from=tmp_path / "half"), tmp_path / "resumed")
-    assert resumed["steps_done"] == 4 and resumed["steps_this_run"] == 2
+    assert resumed["steps_done"] == 4 and resumed["steps_this_run"] == 1
     # weights, optimiser moments, data stream and noise all continue where they stopped: bit-identical to one run
     a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "resumed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c) for k, c in _weights(tmp_path / "half").items())  # chunk 2 did train
+    # frozen after step 2: the text encoder saved after steps 3 and 4 is the same one
+    text = {k: v for k, v in _weights(tmp_path / "half").items() if k.startswith("text.")}
+    assert all(torch.equal(v, a[k]) for k, v in text.items())
 
     # the saved base is what the project's loaders read: its own text encoder, not the random tiny one
     model_cfg = cfg.model.model_copy(update={"stage_c_path": str(tmp_path / "whole")})

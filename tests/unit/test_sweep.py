@@ -1,0 +1,55 @@
+"""The β sweep's choice and how the demo uses it: the best validation score per method wins, and only the PPD and
+Diffusion-DPO runs of the demo take the chosen β (SFT has none; a choice for another preset is ignored)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+from ppd.config import smoke
+from ray_jobs.demo import BETA_CHOICE, RESULTS_DIR, plan_demo, read_beta_choice
+from ray_jobs.sweep import choose, variant_name
+
+
+def test_the_best_validation_score_wins_and_ties_go_to_the_larger_beta():
+    scores = {"ppd": {0.5: 0.1, 2.0: 0.4, 8.0: 0.3}, "dpo": {0.5: 0.2, 2.0: 0.2}}
+    assert choose(scores) == {"ppd": 2.0, "dpo": 2.0}
+    assert variant_name("ppd", 0.5) == "ppd_beta0.5" and variant_name("dpo", 8.0) == "dpo_beta8"
+
+
+def _world(tmp_path):
+    world = tmp_path / "toy"
+    world.mkdir(exist_ok=True)
+    users = {"brightness": 100, "saturation": 101, "centredness": 102, "warmth": 103, "size": 104}
+    (world / "manifest.json").write_text(json.dumps({"one_reward_users": users}))
+    return world
+
+
+def _betas_by_title(plan) -> dict[str, str | None]:
+    found = {}
+    for stage in plan.stages:
+        sets = [a.split("=", 1)[1] for a in shlex.split(stage.entrypoint) if a.startswith("train.beta=")]
+        found[stage.title] = sets[-1] if sets else None
+    return found
+
+
+def test_the_demo_trains_ppd_and_dpo_with_the_chosen_betas(tmp_path):
+    cfg = smoke()
+    out = tmp_path / "out"
+    assert read_beta_choice(out, cfg.preset) is None  # no sweep yet: the preset's β
+    (out / RESULTS_DIR).mkdir(parents=True)
+    record = {"preset": cfg.preset, "chosen": {"ppd": 8.0, "dpo": 0.5}}
+    (out / RESULTS_DIR / BETA_CHOICE).write_text(json.dumps(record))
+    betas = read_beta_choice(out, cfg.preset)
+    assert betas == {"ppd": 8.0, "dpo": 0.5} and read_beta_choice(out, "tiny_cpu") is None  # another preset's
+
+    by_title = _betas_by_title(plan_demo(cfg, tmp_path / "work", [], 0, _world(tmp_path), betas))
+    assert by_title["train PPD on the one-reward users"] == "8"
+    assert by_title["train PPD on the population"] == "8"
+    assert by_title["train Diffusion-DPO (no user) on the one-reward users"] == "0.5"
+    uppers = [title for title in by_title if title.startswith("train the DPO upper bound")]
+    assert len(uppers) == 5 and all(by_title[t] == "0.5" for t in uppers)
+    assert by_title["train SFT on preferred images on the one-reward users"] is None
+    assert all(by_title[t] is None for t in by_title if not t.startswith("train"))
+    default = _betas_by_title(plan_demo(cfg, tmp_path / "work", [], 0, _world(tmp_path)))
+    assert all(beta is None for beta in default.values())  # without a choice nothing overrides the preset
