@@ -173,8 +173,9 @@ def run(
         raise JobError(f"prepared data {prepared} does not exist (run `ppd prepare` first)")
     model = resolved_model_config(cfg.model)
     try:
-        load_latent_encoder(model)  # fails fast, on the driver, for architectures without an image encoder
-    except NotImplementedError as err:
+        # Fails fast, on the driver (on CPU: it only checks that the weights exist and fit; the actors use GPUs).
+        load_latent_encoder(model, device="cpu")
+    except (FileNotFoundError, ValueError) as err:
         raise JobError(str(err)) from None
     pairs = read_pair_metadata(prepared, splits)
     embeddings = load_embeddings(embeddings_path)

@@ -3,8 +3,8 @@
 Training never decodes an image or runs an encoder: everything a step needs is computed here once.
 
 - Latents: PNG/JPEG bytes are decoded to [-1, 1] RGB and encoded by a `LatentEncoder` (the lossless toy codec for
-  the tiny architecture; the hook for Stable Cascade's EfficientNet encoder on real data), ordered winner / loser
-  by the pair's `preferred`.
+  the tiny architecture; Stable Cascade's EfficientNet encoder, `ppd.models.effnet`, for the real ones), ordered
+  winner / loser by the pair's `preferred`.
 - Captions: every distinct caption is encoded once into a caption table; pairs keep an index into it.
 - User embeddings: a pair is conditioned on its `condition_group_id` (a few-shot group of the same user that does not
   contain the pair, chosen by the preparation job). Pairs without such a group, or whose group has no embedding,
@@ -25,6 +25,9 @@ from PIL import Image
 
 from ppd.config import ModelConfig
 from ppd.models.codec import ToyCodec
+from ppd.models.effnet import EFFNET_DOWNSAMPLING
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 # Why a prepared pair is not in the precomputed training set (counted per split in the manifest).
 SKIP_REASONS: tuple[str, ...] = ("no_condition_group", "no_embedding", "undecodable_image")
@@ -50,21 +53,24 @@ class ToyLatentEncoder:
         return ToyCodec().encode(images)  # [B, 12, H/2, W/2]
 
 
-def load_latent_encoder(cfg: ModelConfig) -> LatentEncoder:
-    """The image encoder whose latents Stage C of `cfg` was trained on."""
+def load_latent_encoder(cfg: ModelConfig, device: torch.device | str | None = None) -> LatentEncoder:
+    """The image encoder whose latents Stage C of `cfg` was trained on (real ones on `device`: default a GPU if any)."""
     if cfg.architecture == "tiny":
         return ToyLatentEncoder(image_size=cfg.latent_size * ToyCodec.factor)
-    # Real Stable Cascade: Stage C latents are the 16-channel features of its EfficientNetV2-S encoder ("effnet",
-    # 768 px input -> 16 x 24 x 24), which ships with Stability's training code, not with diffusers. Plug it in here
-    # as a LatentEncoder (image_size=768, resize=True, ImageNet normalisation inside `encode`).
-    raise NotImplementedError(
-        f"latents for architecture {cfg.architecture!r} need Stable Cascade's EfficientNet image encoder, which is "
-        "not bundled; implement a LatentEncoder in ppd/train/precompute.py (load_latent_encoder)"
-    )
+    # Real Stable Cascade: the 16-channel features of its EfficientNetV2-S encoder (768 px -> 16 x 24 x 24), from
+    # `effnet_encoder.safetensors` of stabilityai/stable-cascade (or `cfg.effnet_path`), in the model's dtype.
+    from ppd.models.effnet import EffnetLatentEncoder, load_effnet_encoder
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    encoder = load_effnet_encoder(cfg.effnet_path, dtype=_DTYPES[cfg.dtype], device=device)
+    return EffnetLatentEncoder(encoder, image_size=cfg.latent_size * EFFNET_DOWNSAMPLING)
 
 
 def decode_image(data: bytes | None, image_size: int, resize: bool) -> torch.Tensor | None:
-    """PNG/JPEG bytes -> RGB [3, S, S] in [-1, 1] (S = image_size), or None when undecodable or of the wrong size."""
+    """PNG/JPEG bytes -> RGB [3, S, S] in [-1, 1] (S = image_size), or None when undecodable or of the wrong size.
+
+    With `resize`, the shorter side is brought to S (bilinear, antialiased) and the centre S x S is cut out, as
+    Stable Cascade's training transforms do; without it an image of another size is rejected."""
     try:
         with Image.open(io.BytesIO(data or b"")) as image:
             rgb = image.convert("RGB")
@@ -73,9 +79,19 @@ def decode_image(data: bytes | None, image_size: int, resize: bool) -> torch.Ten
     if rgb.size != (image_size, image_size):
         if not resize:
             return None
-        rgb = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC)
+        rgb = _resize_and_centre_crop(rgb, image_size)
     pixels = torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy())  # [S, S, 3]
     return pixels.permute(2, 0, 1).float() / 127.5 - 1  # [3, S, S]
+
+
+def _resize_and_centre_crop(image: Image.Image, side: int) -> Image.Image:
+    width, height = image.size
+    scale = side / min(width, height)
+    resized = image.resize(
+        (max(side, round(width * scale)), max(side, round(height * scale))), Image.Resampling.BILINEAR
+    )
+    left, top = (resized.width - side) // 2, (resized.height - side) // 2
+    return resized.crop((left, top, left + side, top + side))
 
 
 @dataclass(frozen=True)
@@ -101,7 +117,7 @@ def encode_pairs(
         return PairLatents(empty, empty, kept)
     first = torch.stack([image for image, keep in zip(images_0, kept, strict=True) if keep])  # [K, 3, S, S]
     second = torch.stack([image for image, keep in zip(images_1, kept, strict=True) if keep])  # [K, 3, S, S]
-    latents = encoder.encode(torch.cat([first, second])).float()  # [2K, C, h, w]
+    latents = encoder.encode(torch.cat([first, second])).float().cpu()  # [2K, C, h, w]
     latents_0, latents_1 = latents.chunk(2)
     prefers_1 = torch.from_numpy(choice == 1).view(-1, 1, 1, 1)  # [K, 1, 1, 1]
     return PairLatents(
