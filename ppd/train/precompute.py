@@ -142,20 +142,21 @@ class EmbeddingIndex:
 
 def plan_training_rows(
     pairs: pd.DataFrame,
-    embeddings: Mapping[tuple[int, int], np.ndarray],
+    embeddings: Mapping[tuple[int, int], np.ndarray | tuple[int, ...]],
     captions: Mapping[str, int],
     order_seed: int,
 ) -> tuple[pd.DataFrame, EmbeddingIndex, dict[str, dict[str, int]]]:
     """Join pairs (pair_id, split, user_id, caption, condition_group_id) to caption rows and group embeddings.
 
-    `embeddings` is {(user_id, group_id): [L, d]} (`ppd.embed.store.read_embeddings`). Returns the trainable pairs
+    `embeddings` is {(user_id, group_id): [L, d] array, or just its shape}: the plan needs the keys and shapes only
+    (`ppd.embed.store.read_embedding_catalog`, so the vectors can be streamed afterwards). Returns the trainable pairs
     with caption_index, embedding_index and a seeded random `order_key` (the training order within a split), the
     index of the embedding rows they use (one table for all splits), and {split: {reason: pairs left out}}.
     Raises ValueError on inconsistent inputs: a group's embedding stored under another user, embeddings of
     different shapes, a caption missing from `captions`.
     """
     owner_of_group = {group_id: user_id for user_id, group_id in embeddings}
-    shapes = {tuple(array.shape) for array in embeddings.values()}
+    shapes = {tuple(np.shape(value)) if isinstance(value, np.ndarray) else tuple(value) for value in embeddings.values()}
     if len(shapes) > 1:
         raise ValueError(f"user embeddings of different shapes {sorted(shapes)}: use one embedder's output")
     pairs = pairs.sort_values("pair_id").reset_index(drop=True)

@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 from ppd.config import ModelConfig
 from ppd.models.effnet import (
     EFFNET_FILE,
-    EffnetLatentEncoder,
     EfficientNetEncoder,
+    EffnetLatentEncoder,
     imagenet_normalise,
     load_effnet_encoder,
 )
