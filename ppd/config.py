@@ -204,7 +204,8 @@ class EvalConfig(_Section):
     guidance: float = Field(4.0, ge=0, description="classifier-free guidance scale on text")
     bootstrap_samples: int = Field(1000, ge=100)
     judge: Literal["oracle", "openai", "none"] = Field(
-        "oracle", description="toy world: oracle; real data: openai (a VLM behind an OpenAI-compatible endpoint) or none"
+        "oracle",
+        description="toy world: oracle; real data: openai (a VLM behind an OpenAI-compatible endpoint) or none",
     )
     judge_base_url: str | None = None
     judge_model: str | None = None

@@ -174,7 +174,9 @@ def iter_embeddings(
         table = _successful(pq.read_table(path, schema=ROW_SCHEMA), model_id, prompt_hash)
         found = [
             (index, (int(u), int(g)))
-            for index, (u, g) in enumerate(zip(table["user_id"].to_pylist(), table["group_id"].to_pylist(), strict=True))
+            for index, (u, g) in enumerate(
+                zip(table["user_id"].to_pylist(), table["group_id"].to_pylist(), strict=True)
+            )
             if (int(u), int(g)) in wanted
         ]
         if not found:

@@ -312,9 +312,7 @@ def final_token_states(decoder: torch.nn.Module, layers: Sequence[int]) -> Itera
             handles.append(decoder.norm.register_forward_hook(lambda module, args, output: keep(count, output)))
         else:
             handles.append(
-                blocks[layer - 1].register_forward_hook(
-                    lambda module, args, output, layer=layer: keep(layer, output)
-                )
+                blocks[layer - 1].register_forward_hook(lambda module, args, output, layer=layer: keep(layer, output))
             )
     try:
         yield captured

@@ -156,7 +156,9 @@ def plan_training_rows(
     different shapes, a caption missing from `captions`.
     """
     owner_of_group = {group_id: user_id for user_id, group_id in embeddings}
-    shapes = {tuple(np.shape(value)) if isinstance(value, np.ndarray) else tuple(value) for value in embeddings.values()}
+    shapes = {
+        tuple(np.shape(value)) if isinstance(value, np.ndarray) else tuple(value) for value in embeddings.values()
+    }
     if len(shapes) > 1:
         raise ValueError(f"user embeddings of different shapes {sorted(shapes)}: use one embedder's output")
     pairs = pairs.sort_values("pair_id").reset_index(drop=True)

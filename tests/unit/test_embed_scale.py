@@ -12,6 +12,7 @@ from PIL import Image
 
 from ppd.config import EmbedConfig
 from ppd.embed.groups import FewShotGroup, groups_from_pairs, groups_from_rows
+from ppd.embed.vllm_backend import vllm_available
 from ppd.embed.vlm import (
     TINY_VLM_NAME,
     HFVLMEmbedder,
@@ -22,7 +23,6 @@ from ppd.embed.vlm import (
     shrink_image,
     tiny_vlm_dir,
 )
-from ppd.embed.vllm_backend import vllm_available
 
 GREEDY = EmbedConfig(embedder="vlm-hf", temperature=0.0, max_new_tokens=6, layers="all")
 
