@@ -92,6 +92,7 @@ class ModelConfig(_Section):
         description="Stage B + Stage A weights (subfolders decoder/ and vqgan/) that decode real Stage C latents; "
         "None = stabilityai/stable-cascade for the real architectures (the tiny one decodes with the toy codec)",
     )
+    decoder_steps: int = Field(10, ge=1, le=50, description="Stage B sampler steps when decoding (Stable Cascade: 10)")
 
 
 class EmbedConfig(_Section):
@@ -520,6 +521,10 @@ def llava_onevision_7b_vllm(actors: int = 8) -> EmbedConfig:
     )
 
 
+# Weights that must be converted once before a run (safetensors only: no pickle is ever loaded), on the shared volume.
+CLUSTER_WEIGHTS_DIR = "/mnt/shared/weights"
+
+
 def real_image_rewards() -> EvalConfig:
     """Evaluation on real images: PickScore (the paper's validation metric for beta), CLIP score (OpenCLIP ViT-H/14),
     LAION aesthetic (CLIP ViT-L/14 + the converted MLP head) and HPSv2 (converted to a CLIPModel folder), the VLM
@@ -544,10 +549,6 @@ def real_image_rewards() -> EvalConfig:
         concurrency=8,
         gpus_per_actor=1.0,
     )
-
-
-# Weights that must be converted once before a run (safetensors only: no pickle is ever loaded), on the shared volume.
-CLUSTER_WEIGHTS_DIR = "/mnt/shared/weights"
 
 
 def stage_c_lite_h100x8() -> PPDConfig:
@@ -577,6 +578,11 @@ def stage_c_lite_h100x8() -> PPDConfig:
             precompute_gpus_per_actor=1.0,
         ),
         eval=real_image_rewards(),
+        # Served from this preset too: the generator and the VLM embedder each on a GPU of their own.
+        serve=ServeConfig(
+            embedder=DeploymentSpec(cpus=4, gpus=1, max_ongoing_requests=16),
+            generator=DeploymentSpec(cpus=4, gpus=1, max_ongoing_requests=32),
+        ),
         tracking=TrackingConfig(uri="http://mlflow.ppd.svc.cluster.local:5000"),
     )
 
@@ -639,10 +645,6 @@ def serve_lite_h100() -> PPDConfig:
             f"serve.adapter_dir={CLUSTER_RUN_DIR}/adapter",
             "serve.auth='on'",
             "serve.max_batch_size=16",
-            "serve.embedder.gpus=1",
-            "serve.embedder.cpus=4",
-            "serve.generator.gpus=1",
-            "serve.generator.cpus=4",
             "serve.generator.max_ongoing_requests=64",
             "serve.generator.autoscaling={min_replicas: 1, max_replicas: 4, target_ongoing_requests: 16}",
         ]

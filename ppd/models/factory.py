@@ -116,12 +116,13 @@ def load_stage_ba_decoder(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     variant: str | None = None,
+    steps: int = 10,
 ) -> StageBADecoder:
     """Stage B (`decoder/`) + Stage A (`vqgan/`) from a Stable Cascade decoder directory or hub id (safetensors only)."""
     options = {"torch_dtype": dtype, "variant": variant, "use_safetensors": True}
     stage_b = StableCascadeUNet.from_pretrained(str(root), subfolder="decoder", **options)
     stage_a = PaellaVQModel.from_pretrained(str(root), subfolder="vqgan", **options)
-    return StageBADecoder(stage_b.to(device), stage_a.to(device), latent_dim_scale=latent_dim_scale)
+    return StageBADecoder(stage_b.to(device), stage_a.to(device), latent_dim_scale=latent_dim_scale, steps=steps)
 
 
 def load_decoder(cfg: ModelConfig, device: torch.device | str = "cpu") -> ToyCodec | StageBADecoder:
@@ -129,7 +130,11 @@ def load_decoder(cfg: ModelConfig, device: torch.device | str = "cpu") -> ToyCod
     if cfg.architecture == "tiny":
         return ToyCodec()
     return load_stage_ba_decoder(
-        cfg.decoder_path or DEFAULT_DECODER_PATH, dtype=_DTYPES[cfg.dtype], device=device, variant=cfg.weights_variant
+        cfg.decoder_path or DEFAULT_DECODER_PATH,
+        dtype=_DTYPES[cfg.dtype],
+        device=device,
+        variant=cfg.weights_variant,
+        steps=cfg.decoder_steps,
     )
 
 
