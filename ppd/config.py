@@ -208,7 +208,13 @@ class EvalConfig(_Section):
         "oracle",
         description="toy world: oracle; real data: openai (a VLM behind an OpenAI-compatible endpoint) or none",
     )
-    judge_base_url: str | None = None
+    judge_base_url: str | None = Field(None, description="OpenAI-compatible server root (…/v1/chat/completions)")
+    judge_max_image_side: int | None = Field(
+        None,
+        ge=16,
+        description="images are shrunk to at most this side before the judge sees them (10 images per question: "
+        "at 384 px each is one any-resolution tile of LLaVA-OneVision, ~1.5k tokens); None = as generated",
+    )
     judge_model: str | None = None
     judge_api_key_env: str = Field(
         "OPENAI_API_KEY", description="env var holding the judge endpoint's API key (unset = no auth header)"
@@ -539,7 +545,8 @@ def real_image_rewards() -> EvalConfig:
         aesthetic_head_path=f"{CLUSTER_WEIGHTS_DIR}/aesthetic/aesthetic_head.safetensors",
         hps_path=f"{CLUSTER_WEIGHTS_DIR}/hpsv2_clip",
         judge="openai",
-        judge_base_url="http://ppd-judge.ppd.svc.cluster.local:8000/v1",
+        judge_base_url="http://ppd-judge.ppd.svc.cluster.local:8000",
+        judge_max_image_side=384,
         judge_model=LLAVA_ONEVISION_7B,
         users_per_split=200,
         captions_per_user=4,

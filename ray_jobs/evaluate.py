@@ -297,6 +297,16 @@ def run(
     return results
 
 
+def _adapter_items(items: list[str]) -> dict[str, str]:
+    adapters = {}
+    for item in items:
+        variant, separator, folder = item.partition("=")
+        if not separator or not variant or not folder:
+            raise JobError(f"--adapter {item!r} is not of the form VARIANT=FOLDER")
+        adapters[variant] = folder
+    return adapters
+
+
 def classifier_summary(classifier: dict, embedder: str) -> dict:
     """`ppd embed classify`'s output -> the results keys (top16 / chance16 at k = 16, or the largest k computed)."""
     top_k, chance = classifier["top_k"], classifier["chance"]
@@ -373,7 +383,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--embeddings", type=Path, default=None, help="real data: output folder of the embedding job")
     parser.add_argument("--splits", default="test_seen,test_unseen", help="real data: comma-separated splits")
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--adapters", type=Path, required=True, help="JSON {variant: adapter folder}")
+    parser.add_argument("--adapters", type=Path, default=None, help="JSON file {variant: adapter folder}")
+    parser.add_argument(
+        "--adapter",
+        dest="adapter_items",
+        action="append",
+        default=[],
+        metavar="VARIANT=FOLDER",
+        help="an adapter to evaluate (repeatable; beside or instead of --adapters)",
+    )
     parser.add_argument("--one-reward-prepared", type=Path, default=None)
     parser.add_argument("--population-prepared", type=Path, default=None)
     parser.add_argument("--population-embeddings", type=Path, default=None)
@@ -382,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(args)
+        adapters = {**_read_json(args.adapters, "adapters file"), **_adapter_items(args.adapter_items)}
+        if not adapters:
+            raise JobError("name the adapters to evaluate: --adapters FILE and/or --adapter VARIANT=FOLDER")
         if args.world is None:
             if args.prepared is None or args.embeddings is None:
                 raise JobError("real data needs --prepared and --embeddings (or give --world for the toy world)")
@@ -390,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.prepared,
                 args.embeddings,
                 args.out,
-                _read_json(args.adapters, "adapters file"),
+                adapters,
                 tuple(s for s in args.splits.split(",") if s),
                 args.seed,
             )
@@ -400,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg,
             args.world,
             args.out,
-            _read_json(args.adapters, "adapters file"),
+            adapters,
             args.one_reward_prepared,
             args.population_prepared,
             args.population_embeddings,

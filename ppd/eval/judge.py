@@ -86,13 +86,37 @@ def parse_answer(text: str) -> Verdict:
     return int(found.pop()) - 1
 
 
-def _image_part(data: bytes) -> dict:
+def _image_part(data: bytes, max_side: int | None = None) -> dict:
+    if max_side is not None:
+        data = _shrunk(data, max_side)
     kind = "png" if data[:4] == b"\x89PNG" else "jpeg"
     return {"type": "image_url", "image_url": {"url": f"data:image/{kind};base64,{base64.b64encode(data).decode()}"}}
 
 
-def chat_messages(query: JudgeQuery, swapped: bool) -> list[dict]:
-    """The judge prompt as OpenAI chat messages: the user's examples, then the new pair, asking for 1 or 2."""
+def _shrunk(data: bytes, max_side: int) -> bytes:
+    """PNG/JPEG bytes with the longer side brought down to `max_side` (re-encoded as PNG); smaller ones unchanged."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        if max(image.size) <= max_side:
+            return data
+        scale = max_side / max(image.size)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        buffer = io.BytesIO()
+        image.convert("RGB").resize(size, Image.Resampling.BICUBIC).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def chat_messages(query: JudgeQuery, swapped: bool, max_image_side: int | None = None) -> list[dict]:
+    """The judge prompt as OpenAI chat messages: the user's examples, then the new pair, asking for 1 or 2.
+
+    `max_image_side` shrinks every image first (a VLM judge's context holds 2 x shots + 2 of them)."""
+
+    def part(data: bytes) -> dict:
+        return _image_part(data, max_image_side)
+
     content: list[dict] = [
         {
             "type": "text",
@@ -105,17 +129,17 @@ def chat_messages(query: JudgeQuery, swapped: bool) -> list[dict]:
     ):
         content += [
             {"type": "text", "text": f"Example {i}. Caption: {caption}. Image 1:"},
-            _image_part(first),
+            part(first),
             {"type": "text", "text": "Image 2:"},
-            _image_part(second),
+            part(second),
             {"type": "text", "text": f"They preferred image {choice + 1}."},
         ]
     first, second = (query.image_b, query.image_a) if swapped else (query.image_a, query.image_b)
     content += [
         {"type": "text", "text": f"New caption: {query.caption}. Image 1:"},
-        _image_part(first),
+        part(first),
         {"type": "text", "text": "Image 2:"},
-        _image_part(second),
+        part(second),
         {"type": "text", "text": "Which image would this person prefer? Answer with 1 or 2 only."},
     ]
     return [{"role": "user", "content": content}]
@@ -129,6 +153,7 @@ def openai_judge(
     max_tokens: int = 8,
     temperature: float = 0.0,
     extra_body: Mapping[str, Any] | None = None,
+    max_image_side: int | None = None,
 ) -> Callable[[JudgeQuery, bool], Verdict]:
     """A judge backed by an OpenAI-compatible `/v1/chat/completions` endpoint (greedy, short answers by default).
 
@@ -145,7 +170,7 @@ def openai_judge(
             "/v1/chat/completions",
             json={
                 "model": model,
-                "messages": chat_messages(query, swapped),
+                "messages": chat_messages(query, swapped, max_image_side),
                 "temperature": temperature,
                 "max_tokens": max_tokens,
                 **(extra_body or {}),

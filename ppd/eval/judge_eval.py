@@ -155,7 +155,10 @@ def make_judge(cfg: PPDConfig, world: Path | None) -> Judge:
     if not settings.judge_base_url or not settings.judge_model:
         raise ValueError("eval.judge=openai needs eval.judge_base_url and eval.judge_model")
     api_key = os.environ.get(settings.judge_api_key_env) or None  # read when the judge is built, never at import
-    return Judge(f"openai:{settings.judge_model}", openai_judge(settings.judge_base_url, settings.judge_model, api_key))
+    ask = openai_judge(
+        settings.judge_base_url, settings.judge_model, api_key, max_image_side=settings.judge_max_image_side
+    )
+    return Judge(f"openai:{settings.judge_model}", ask)
 
 
 def evaluate_judge(

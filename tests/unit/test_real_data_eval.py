@@ -176,3 +176,21 @@ def test_pickscore_is_the_models_temperature_times_the_cosine(tmp_path) -> None:
         rewards["hps"].score(images, captions) / 100 * temperature,
         rtol=1e-5,
     )
+
+
+def test_the_judge_sees_images_shrunk_to_its_side() -> None:
+    import base64
+
+    from ppd.eval.judge import chat_messages
+
+    big = io.BytesIO()
+    Image.new("RGB", (1024, 768), (10, 20, 30)).save(big, format="JPEG")
+    query = JudgeQuery(("c",), (big.getvalue(),), (_png(9),), (0,), "new", big.getvalue(), _png(200))
+    sizes = []
+    for part in chat_messages(query, swapped=False, max_image_side=384)[0]["content"]:
+        if part["type"] == "image_url":
+            data = base64.b64decode(part["image_url"]["url"].split(",", 1)[1])
+            sizes.append(Image.open(io.BytesIO(data)).size)
+    assert sizes == [(384, 288), (4, 4), (384, 288), (4, 4)]  # large ones shrunk (aspect kept), small ones as sent
+    unshrunk = chat_messages(query, swapped=False)[0]["content"]
+    assert sum(part["type"] == "image_url" for part in unshrunk) == 4
