@@ -42,12 +42,13 @@ def test_tiny_path_measures_writes_json_and_replaces_its_benchmarks_section(gpu_
     benchmarks = tmp_path / "BENCHMARKS.md"
     benchmarks.write_text(f"# Benchmarks\n\nbefore\n\n{gpu_check.BEGIN}\nGPU run pending\n{gpu_check.END}\n\nafter\n")
     argv = ["--tiny", "--out", str(tmp_path / "out"), "--benchmarks", str(benchmarks)]
-    argv += ["--steps", "2", "--warmup", "1", "--users", "2"]
+    argv += ["--steps", "2", "--warmup", "1", "--users", "2", "--micro-batch", "2"]
     assert gpu_check.main(argv) == 0
     result = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     assert result["path"] == "tiny" and result["architecture"] == "tiny"
     training = result["training"]
     assert training["pairs_per_second"] > 0 and training["seconds_per_step"] > 0 and training["steps"] == 2
+    assert training["micro_batch"] == 2 and training["pairs_per_second"] == 2 / training["seconds_per_step"]
     assert training["flops_per_pair"] > 0 and training["mfu"] is None  # no known peak on a CPU
     generation = result["generation"]
     assert generation["users"] == 2 and generation["seconds_per_batch"] > 0 and len(generation["image_shape"]) == 3
@@ -55,5 +56,8 @@ def test_tiny_path_measures_writes_json_and_replaces_its_benchmarks_section(gpu_
     text = benchmarks.read_text()
     assert text.count(gpu_check.BEGIN) == 1 and "GPU run pending" not in text
     assert "before" in text and "after" in text and "tiny path" in text
-    assert gpu_check.main(argv) == 0  # a second run replaces the section again
-    assert benchmarks.read_text().count(gpu_check.BEGIN) == 1
+    gpu_check.write_benchmarks(benchmarks, gpu_check.benchmarks_section(result))  # what a second run writes
+    assert benchmarks.read_text() == text
+    fresh = tmp_path / "NEW.md"
+    gpu_check.write_benchmarks(fresh, gpu_check.benchmarks_section(result))  # no markers yet: appended
+    assert fresh.read_text().count(gpu_check.BEGIN) == 1 and "## GPU check" in fresh.read_text()

@@ -169,7 +169,7 @@ def test_pickscore_is_the_models_temperature_times_the_cosine(tmp_path) -> None:
     rewards = load_image_rewards(cfg, tmp_path / "unused")
     images = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
     captions = ["a red ring", "a blue star", "a"]
-    temperature = float(rewards["pickscore"].model.logit_scale.exp())
+    temperature = float(rewards["pickscore"].model.logit_scale.detach().exp())
     assert temperature == pytest.approx(1 / 0.07, rel=1e-4)  # CLIP's initial logit scale: log(1 / 0.07)
     np.testing.assert_allclose(
         rewards["pickscore"].score(images, captions),
