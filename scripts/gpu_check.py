@@ -27,7 +27,6 @@ import json
 import platform
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -36,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ppd.config import PPDConfig, load_config  # noqa: E402
 from ppd.models.plan import PICKAPIC_TRAIN_PAIRS, plan_training  # noqa: E402
+from ppd.models.reduced import built_in  # noqa: E402
 
 BEGIN, END = "<!-- gpu-check:begin -->", "<!-- gpu-check:end -->"
 REAL_EMBEDDING_SHAPE = (29, 3584)  # LLaVA-OneVision 7B, every layer's final-token state
@@ -62,18 +62,6 @@ def dense_bf16_peak(device_name: str) -> float | None:
     """The GPU's dense bf16 peak from its name, None when unknown (then no MFU is reported)."""
     matches = [key for key in PEAK_BF16 if key.lower() in device_name.lower()]
     return PEAK_BF16[max(matches, key=len)] if matches else None
-
-
-@contextmanager
-def built_in(dtype: torch.dtype, device: torch.device):
-    """Modules constructed inside are created on `device` in `dtype` (no fp32 CPU copy of a 1B model first)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 def _sync(device: torch.device) -> None:
