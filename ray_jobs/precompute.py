@@ -4,10 +4,13 @@
         python -m ray_jobs.precompute --prepared /abs/prepared/population --embeddings /abs/embeddings \
         --out /abs/precomputed/population
 
-The join (pair -> caption row, pair -> embedding of its condition group) is planned on the driver from a small
-metadata table (no images). Captions are encoded once each by a Ray Data actor pool and streamed into a memory-mapped
-caption table; images stream through a second actor pool that decodes and encodes them, then the rows are sorted by
-their seeded order key and written as parquet. Training reads only these outputs (`ppd.train.data`).
+The join (pair -> caption row, pair -> embedding of its condition group) is planned on the driver from small tables:
+the pairs' metadata (no images) and the embeddings' catalog (keys and shapes, no vectors); the vectors are then
+streamed part file by part file into a memory-mapped table, so the driver never holds them all (29 x 3584 floats per
+group for the 7B). Captions are encoded once each by a Ray Data actor pool (a GPU each on a cluster) and streamed into
+a memory-mapped caption table; images stream through a second actor pool that decodes and encodes them (EfficientNet
+on real models), then the rows, latents in the model's dtype (bf16 on a cluster), are sorted by their seeded order key
+and written as parquet. Training reads only these outputs (`ppd.train.data`).
 """
 
 from __future__ import annotations

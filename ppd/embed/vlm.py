@@ -336,7 +336,8 @@ class Generation:
 
 def load_vlm(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """(model, tokenizer, image processor) from a LLaVA-OneVision directory (or hub id on clusters)."""
-    model = LlavaOnevisionForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    model = model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     image_processor = LlavaOnevisionImageProcessorPil.from_pretrained(path)
     return model, tokenizer, image_processor
