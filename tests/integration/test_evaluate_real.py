@@ -101,6 +101,9 @@ def test_real_data_mistakes_are_one_line_errors(real_inputs, tmp_path, capsys):
     adapters.write_text(json.dumps({"ppd": _adapter(cfg, tmp_path / "ok", (1, 1), "ppd", 0.0)}))
     assert main([*base, "--prepared", str(prepared), "--embeddings", str(embeddings), "--splits", "train"]) == 2
     assert "unknown split" in capsys.readouterr().err
+    inline = ["--preset", "smoke", "--out", str(tmp_path / "out"), "--prepared", str(prepared)]
+    assert main([*inline, "--embeddings", str(embeddings), "--adapter", "just-a-folder"]) == 2
+    assert "VARIANT=FOLDER" in capsys.readouterr().err
     oracle = [*base, "--prepared", str(prepared), "--embeddings", str(embeddings), "--set", "eval.judge=oracle"]
     assert main(oracle) == 2
     assert "hidden rewards" in capsys.readouterr().err
