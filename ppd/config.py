@@ -79,11 +79,22 @@ class ModelConfig(_Section):
         16, ge=1, description="Stage C latent side (16 for the toy world's 32 px; 24 for 1024 px on the real model)"
     )
     dtype: Literal["float32", "bfloat16"] = "float32"
+    weights_variant: Literal["bf16"] | None = Field(
+        None,
+        description="variant of the pretrained weight files to read (bf16: the *.bf16.safetensors files of the "
+        "Stable Cascade repositories, half the download and no fp32 copy in memory); None = the default files",
+    )
+    effnet_path: str | None = Field(
+        None,
+        description="Stable Cascade's EfficientNet latent encoder (real architectures): a .safetensors file, a folder "
+        "holding effnet_encoder.safetensors, or a hub repo id; None = stabilityai/stable-cascade",
+    )
     decoder_path: str | None = Field(
         None,
         description="Stage B + Stage A weights (subfolders decoder/ and vqgan/) that decode real Stage C latents; "
         "None = stabilityai/stable-cascade for the real architectures (the tiny one decodes with the toy codec)",
     )
+    decoder_steps: int = Field(10, ge=1, le=50, description="Stage B sampler steps when decoding (Stable Cascade: 10)")
 
 
 class EmbedConfig(_Section):
@@ -108,6 +119,22 @@ class EmbedConfig(_Section):
         None, description="pairdiff: CLIP vision checkpoint (e.g. openai/clip-vit-large-patch14); None = tiny local"
     )
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="VLM weights (bfloat16 for the 7B on GPUs)")
+    max_image_side: int | None = Field(
+        None,
+        ge=16,
+        description="images are shrunk to at most this side before the VLM sees them (384 = one any-resolution tile "
+        "of the 7B's tower: ~1.5k tokens per image in vLLM's layout instead of up to ~7k); None = as stored",
+    )
+    max_model_len: int | None = Field(
+        None, ge=256, description="vLLM context (prompt + profile tokens); a longer prompt is an error row, not a crash"
+    )
+    vllm_gpu_memory_utilization: float = Field(
+        0.9,
+        gt=0,
+        le=0.98,
+        description="share of the GPU vLLM may take (weights + KV cache); the transformers copy of the same model for "
+        "the hidden-state pass needs the rest (0.55 for the 7B in bf16 beside it on an 80 GB GPU)",
+    )
 
 
 class TrainConfig(_Section):
@@ -174,12 +201,22 @@ class EvalConfig(_Section):
     users_per_split: int = Field(48, ge=1, description="population users evaluated per test split")
     captions_per_user: int = Field(4, ge=1, description="held-out captions generated per population user")
     concurrency: int = Field(1, ge=1, description="generator actors in the Ray Data pool")
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per generator actor (the generator runs on its GPU)")
     batch_size: int = Field(64, ge=1, description="generation requests per actor call")
     inference_steps: int = Field(30, ge=1, description="sampler steps (paper: 30)")
     guidance: float = Field(4.0, ge=0, description="classifier-free guidance scale on text")
     bootstrap_samples: int = Field(1000, ge=100)
-    judge: Literal["oracle", "openai"] = "oracle"
-    judge_base_url: str | None = None
+    judge: Literal["oracle", "openai", "none"] = Field(
+        "oracle",
+        description="toy world: oracle; real data: openai (a VLM behind an OpenAI-compatible endpoint) or none",
+    )
+    judge_base_url: str | None = Field(None, description="OpenAI-compatible server root (…/v1/chat/completions)")
+    judge_max_image_side: int | None = Field(
+        None,
+        ge=16,
+        description="images are shrunk to at most this side before the judge sees them (10 images per question: "
+        "at 384 px each is one any-resolution tile of LLaVA-OneVision, ~1.5k tokens); None = as generated",
+    )
     judge_model: str | None = None
     judge_api_key_env: str = Field(
         "OPENAI_API_KEY", description="env var holding the judge endpoint's API key (unset = no auth header)"
@@ -194,8 +231,11 @@ class EvalConfig(_Section):
     judge_split: Literal["test_seen", "test_unseen"] = Field(
         "test_unseen", description="split whose held-out pairs (and users) the judge is scored on"
     )
-    image_rewards: tuple[Literal["clip_score", "aesthetic", "hps"], ...] = Field(
+    image_rewards: tuple[Literal["pickscore", "clip_score", "aesthetic", "hps"], ...] = Field(
         ("clip_score", "aesthetic", "hps"), description="real-image rewards loaded by load_image_rewards"
+    )
+    selection_reward: Literal["pickscore", "clip_score", "aesthetic", "hps"] = Field(
+        "pickscore", description="reward that picks the best adapter (e.g. the beta) on the validation split (paper)"
     )
     reward_batch_size: int = Field(32, ge=1, description="images per reward-model forward")
     clip_score_path: str | None = Field(
@@ -213,6 +253,14 @@ class EvalConfig(_Section):
     )
     hps_path: str | None = Field(
         None, description="HPSv2 (OpenCLIP ViT-H/14) converted to a CLIPModel folder; None = tiny local CLIP"
+    )
+    pickscore_path: str | None = Field(
+        None, description="PickScore CLIPModel (yuvalkirstain/PickScore_v1, safetensors); None = tiny local CLIP"
+    )
+    pickscore_processor_path: str | None = Field(
+        None,
+        description="tokenizer + image processor of PickScore (laion/CLIP-ViT-H-14-laion2B-s32B-b79K); "
+        "None = the PickScore folder's own",
     )
 
 
@@ -467,23 +515,68 @@ def smoke() -> PPDConfig:
     )
 
 
-def llava_onevision_7b_vllm() -> EmbedConfig:
-    """The paper's embedder at scale: LLaVA-OneVision 7B (chat) on vLLM in bf16, one H100 per actor, 8 actors,
-    final-token states of all 29 layers (embeddings + 28) = [29, 3584] per few-shot group."""
+# The HF-format LLaVA-OneVision 7B chat model (the authors' `lmms-lab/llava-onevision-qwen2-7b-ov-chat` converted by
+# llava-hf; the lmms-lab repository's model_type `llava_qwen` is not loadable by transformers or vLLM).
+LLAVA_ONEVISION_7B = "llava-hf/llava-onevision-qwen2-7b-ov-chat-hf"
+
+
+def llava_onevision_7b_vllm(actors: int = 8) -> EmbedConfig:
+    """The paper's embedder at scale: LLaVA-OneVision 7B (chat) on vLLM in bf16, one H100 per actor, final-token
+    states of all 29 layers (embeddings + 28) = [29, 3584] per few-shot group.
+
+    vLLM and the transformers copy for the hidden-state pass share each GPU (55% for vLLM's weights and KV cache,
+    the rest for the 15 GiB bf16 copy and its forward); images are shrunk to 384 px, one any-resolution tile of the
+    tower, so 8 images (~1.5k tokens each in vLLM's layout) + prompt + a 1024-token profile fit a 16k context.
+    """
     return EmbedConfig(
         embedder="vlm-vllm",
-        vlm_path="lmms-lab/llava-onevision-qwen2-7b-ov-chat",
+        vlm_path=LLAVA_ONEVISION_7B,
         layers="all",
         max_new_tokens=1024,
         batch_size=32,
-        concurrency=8,
+        concurrency=actors,
         gpus_per_actor=1.0,
         dtype="bfloat16",
+        forward_batch_size=4,
+        max_image_side=384,
+        max_model_len=16384,
+        vllm_gpu_memory_utilization=0.55,
+    )
+
+
+# Weights that must be converted once before a run (safetensors only: no pickle is ever loaded), on the shared volume.
+CLUSTER_WEIGHTS_DIR = "/mnt/shared/weights"
+
+
+def real_image_rewards() -> EvalConfig:
+    """Evaluation on real images: PickScore (the paper's validation metric for beta), CLIP score (OpenCLIP ViT-H/14),
+    LAION aesthetic (CLIP ViT-L/14 + the converted MLP head) and HPSv2 (converted to a CLIPModel folder), the VLM
+    judge behind an OpenAI-compatible endpoint (cluster/judge.yaml), one GPU per generator actor."""
+    return EvalConfig(
+        image_rewards=("pickscore", "clip_score", "aesthetic", "hps"),
+        selection_reward="pickscore",
+        pickscore_path="yuvalkirstain/PickScore_v1",
+        pickscore_processor_path="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+        clip_score_path="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+        aesthetic_clip_path="openai/clip-vit-large-patch14",
+        aesthetic_head_path=f"{CLUSTER_WEIGHTS_DIR}/aesthetic/aesthetic_head.safetensors",
+        hps_path=f"{CLUSTER_WEIGHTS_DIR}/hpsv2_clip",
+        judge="openai",
+        judge_base_url="http://ppd-judge.ppd.svc.cluster.local:8000",
+        judge_max_image_side=384,
+        judge_model=LLAVA_ONEVISION_7B,
+        users_per_split=200,
+        captions_per_user=4,
+        seeds_per_caption=1,
+        inference_steps=30,
+        batch_size=16,
+        concurrency=8,
+        gpus_per_actor=1.0,
     )
 
 
 def stage_c_lite_h100x8() -> PPDConfig:
-    """Paper setting: Stable Cascade lite Stage C, 8 x H100, micro-batch 16, effective batch 768, bf16, ZeRO-2."""
+    """Paper setting: Stable Cascade lite Stage C, 8 x H100 (one node), micro-batch 16, effective batch 768, bf16."""
     return PPDConfig(
         preset="stage_c_lite_h100x8",
         data=DataConfig(check_images=True, concurrency=32),
@@ -492,10 +585,27 @@ def stage_c_lite_h100x8() -> PPDConfig:
             stage_c_path="stabilityai/stable-cascade-prior",
             latent_size=24,
             dtype="bfloat16",
+            weights_variant="bf16",
         ),
-        embed=llava_onevision_7b_vllm(),
+        embed=llava_onevision_7b_vllm(actors=8),
         train=TrainConfig(
-            lr=3e-6, num_workers=8, use_gpu=True, micro_batch=16, effective_batch=768, epochs=1.0, precision="bf16"
+            lr=3e-6,
+            num_workers=8,
+            use_gpu=True,
+            micro_batch=16,
+            effective_batch=768,
+            epochs=1.0,
+            precision="bf16",
+            # Latents and caption states on GPU actors (EfficientNet + CLIP ViT-bigG in bf16), one per GPU.
+            precompute_batch_size=64,
+            precompute_concurrency=8,
+            precompute_gpus_per_actor=1.0,
+        ),
+        eval=real_image_rewards(),
+        # Served from this preset too: the generator and the VLM embedder each on a GPU of their own.
+        serve=ServeConfig(
+            embedder=DeploymentSpec(cpus=4, gpus=1, max_ongoing_requests=16),
+            generator=DeploymentSpec(cpus=4, gpus=1, max_ongoing_requests=32),
         ),
         tracking=TrackingConfig(uri="http://mlflow.ppd.svc.cluster.local:5000"),
     )
@@ -510,12 +620,40 @@ def stage_c_h100x8() -> PPDConfig:
     )
 
 
+def _two_nodes(cfg: PPDConfig, preset: str) -> PPDConfig:
+    # 2 nodes x 8 H100 (cluster/raycluster.yaml): twice the workers and actors, half the accumulation (same 768).
+    return cfg.with_overrides(
+        [
+            f"preset={preset}",
+            "train.num_workers=16",
+            "train.precompute_concurrency=16",
+            "embed.concurrency=16",
+            "eval.concurrency=16",
+        ]
+    )
+
+
+def stage_c_lite_h100x16() -> PPDConfig:
+    """The paper setting on 2 nodes x 8 H100 (the cluster of cluster/): 16 workers x 16 x accumulation 3 = 768."""
+    return _two_nodes(stage_c_lite_h100x8(), "stage_c_lite_h100x16")
+
+
+def stage_c_h100x16() -> PPDConfig:
+    """The 3.6B Stage C on 2 nodes x 8 H100: 16 workers x micro-batch 8 x accumulation 6 = 768."""
+    return _two_nodes(stage_c_h100x8(), "stage_c_h100x16")
+
+
 def llava_ov7b_vllm_h100x8() -> PPDConfig:
     """Stage 1 on 8 x H100: LLaVA-OneVision 7B on vLLM, bf16, one GPU per actor (the lite preset's embed section)."""
     return stage_c_lite_h100x8().with_overrides(["preset=llava_ov7b_vllm_h100x8"])
 
 
-# Where the train job of the cluster writes its run (cluster/rayjob-train.yaml: --out); the adapter is under it.
+def llava_ov7b_vllm_h100x16() -> PPDConfig:
+    """Stage 1 on 2 nodes x 8 H100: 16 vLLM actors (the 16-GPU lite preset's embed section)."""
+    return stage_c_lite_h100x16().with_overrides(["preset=llava_ov7b_vllm_h100x16"])
+
+
+# Where the train job of the cluster writes its run (cluster/jobs/train.yaml: --out); the adapter is under it.
 CLUSTER_RUN_DIR = "/mnt/shared/runs/ppd"
 # Where the cluster's prepare job writes its splits (cluster/jobs/prepare.yaml: --out); the page's examples are there.
 CLUSTER_PREPARED_DIR = "/mnt/shared/runs/prepared"
@@ -534,10 +672,6 @@ def serve_lite_h100() -> PPDConfig:
             f"serve.example_pairs_dir={CLUSTER_PREPARED_DIR}/validation",
             "serve.auth='on'",
             "serve.max_batch_size=16",
-            "serve.embedder.gpus=1",
-            "serve.embedder.cpus=4",
-            "serve.generator.gpus=1",
-            "serve.generator.cpus=4",
             "serve.generator.max_ongoing_requests=64",
             "serve.generator.autoscaling={min_replicas: 1, max_replicas: 4, target_ongoing_requests: 16}",
         ]
@@ -549,9 +683,17 @@ PRESETS: dict[str, Callable[[], PPDConfig]] = {
     "smoke": smoke,
     "stage_c_lite_h100x8": stage_c_lite_h100x8,
     "stage_c_h100x8": stage_c_h100x8,
+    "stage_c_lite_h100x16": stage_c_lite_h100x16,
+    "stage_c_h100x16": stage_c_h100x16,
     "llava_ov7b_vllm_h100x8": llava_ov7b_vllm_h100x8,
+    "llava_ov7b_vllm_h100x16": llava_ov7b_vllm_h100x16,
     "serve_lite_h100": serve_lite_h100,
 }
+
+
+def cluster_presets() -> list[str]:
+    """Presets of the real architectures (what `ppd check-real` checks and the cluster manifests name)."""
+    return [name for name, factory in PRESETS.items() if factory().model.architecture != "tiny"]
 
 
 def load_config(

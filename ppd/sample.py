@@ -51,7 +51,8 @@ def generate_latents(
     batch = clip_text_hidden.shape[0]
     device = clip_text_hidden.device
     guided = guidance > 1
-    hidden, pooled, users = clip_text_hidden, clip_text_pooled, user_embedding
+    users = None if user_embedding is None else user_embedding.to(device)  # stored embeddings arrive on the CPU
+    hidden, pooled = clip_text_hidden, clip_text_pooled
     scale = torch.as_tensor(user_scale, dtype=torch.float32, device=device).expand(batch)  # [B]
     if guided:
         if unconditional_text is None:

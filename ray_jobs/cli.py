@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from ppd.config import ATTRIBUTES, PRESETS, ConfigError, PPDConfig, load_config
+from ray_jobs.cli_check import check_real_command
 from ray_jobs.cli_embed import embed_app
 from ray_jobs.cli_model import model_app
 from ray_jobs.cli_serve import serve_command
@@ -29,6 +30,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(model_app, name="model")
 app.add_typer(embed_app, name="embed")
 app.command("serve")(serve_command)
+app.command("check-real")(check_real_command)
 
 PresetOption = Annotated[str, typer.Option("--preset", "-p", help=f"config preset: {', '.join(PRESETS)}")]
 OverrideOption = Annotated[

@@ -67,3 +67,28 @@ def quiet_ray_data_console() -> None:
             handler.setLevel(logging.WARNING)
     # Ray Data's bars redraw in place: useful in a terminal, noise in logs.
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+
+
+def generate_images(cfg: PPDConfig, requests: list[dict], adapters: dict[str, str]):
+    """Requests (variant, caption, seed, request_id, embedding...) -> the same rows with their PNG and image rewards,
+    generated on a Ray Data actor pool (`GenerationStage`: each actor loads each variant once; a GPU per actor when
+    `eval.gpus_per_actor` gives one). The evaluate and validate jobs share it."""
+    import pandas as pd
+    import ray
+
+    from ppd.eval.generate import GenerationStage
+
+    init_ray()
+    generated = (
+        ray.data.from_items(requests)
+        .map_batches(
+            GenerationStage,
+            batch_size=cfg.eval.batch_size,
+            batch_format="pandas",
+            compute=ray.data.ActorPoolStrategy(size=cfg.eval.concurrency),
+            num_gpus=cfg.eval.gpus_per_actor or None,
+            fn_constructor_kwargs={"config": cfg.to_dict(), "adapters": adapters},
+        )
+        .to_pandas()
+    )
+    return pd.DataFrame(requests).merge(generated, on="request_id").sort_values("request_id").reset_index(drop=True)

@@ -4,9 +4,15 @@
         --world $PWD/runs/demo/toy --one-reward-prepared $PWD/runs/demo/prepared/one_reward \
         --adapters $PWD/runs/demo/adapters.json --out $PWD/runs/demo/eval
 
-Generation fans out over a Ray Data actor pool (each actor loads the base and the adapters once); scoring and the
-statistics run on the driver (small). `--adapters` is a JSON object {variant: adapter checkpoint folder} with the
-variants ppd, dpo, sft, dpo_upper_<reward> (one-reward experiment) and ppd_population (population experiment).
+Two modes. With `--world` (the toy world): its hidden rewards score the images; `--adapters` names the variants ppd,
+dpo, sft, dpo_upper_<reward> (one-reward experiment) and ppd_population (population experiment). Without it (real
+data, Pick-a-Pic schema): `--prepared` and `--embeddings` name the preparation and embedding outputs, `--splits` the
+evaluated splits (test_seen,test_unseen; validation to choose an adapter, e.g. the beta), and every variant of
+`--adapters` is compared with the base by the image rewards (PickScore, CLIP score, aesthetic, HPSv2) and the VLM
+judge (`ppd.eval.real_data`); no hidden reward exists or is read.
+
+Generation fans out over a Ray Data actor pool (each actor loads the base, the adapters and the reward models once,
+on its GPU when `eval.gpus_per_actor` gives it one); the statistics run on the driver (small).
 """
 
 from __future__ import annotations
@@ -30,10 +36,9 @@ from ppd.eval.evaluate import (
     summarise,
     upper_bound_variant,
 )
-from ppd.eval.generate import GenerationStage
 from ppd.eval.report import interpolation_plot, sample_grid, win_rate_bars
 from ppd.eval.rewards import ToyRewards
-from ray_jobs.common import JobError, config_from_args, init_ray, job_arg_parser, log
+from ray_jobs.common import JobError, config_from_args, generate_images, job_arg_parser, log
 
 
 def _read_json(path: Path | None, what: str) -> dict:
@@ -43,6 +48,113 @@ def _read_json(path: Path | None, what: str) -> dict:
         return json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise JobError(f"cannot read {what} {path}: {err}") from None
+
+
+def _check_adapters(adapters: dict[str, str]) -> None:
+    missing = [v for v, path in adapters.items() if not Path(path, "adapter_config.json").exists()]
+    if missing:
+        raise JobError(
+            f"adapter folder(s) without adapter_config.json: {', '.join(f'{v}={adapters[v]}' for v in missing)}"
+        )
+
+
+def run_real(
+    cfg: PPDConfig,
+    prepared: Path,
+    embeddings_dir: Path,
+    out: Path,
+    adapters: dict[str, str],
+    splits: tuple[str, ...] = ("test_seen", "test_unseen"),
+    seed: int = 0,
+) -> dict:
+    """Evaluate adapters on real preference data (image rewards + the VLM judge); results also in out/results.json."""
+    from ppd.embed.store import iter_embeddings, read_embedding_catalog
+    from ppd.eval.real_data import (
+        BASE,
+        REAL_SPLITS,
+        evaluated_users,
+        judge_generated,
+        read_groups,
+        real_requests,
+        select_variant,
+        summarise_rewards,
+    )
+    from ppd.eval.real_report import reward_win_bars, user_variant_grid
+
+    began = time.monotonic()
+    unknown = sorted(set(splits) - set(REAL_SPLITS))
+    if unknown:
+        raise JobError(f"unknown split(s) {unknown}: evaluate {', '.join(REAL_SPLITS)}")
+    if not prepared.is_dir():
+        raise JobError(f"prepared data {prepared} does not exist (run `ppd prepare` first)")
+    if not adapters:
+        raise JobError("no adapter to evaluate: --adapters names none")
+    if BASE in adapters:
+        raise JobError(f"variant name {BASE!r} is the base model itself; name the adapters otherwise")
+    _check_adapters(adapters)
+    if cfg.eval.judge == "oracle":
+        raise JobError("eval.judge=oracle reads the toy world's hidden rewards; on real data use openai or none")
+    try:
+        catalog = read_embedding_catalog(embeddings_dir)
+    except (FileNotFoundError, ValueError) as err:
+        raise JobError(f"embeddings {embeddings_dir}: {err}") from None
+    users = pd.concat(
+        [evaluated_users(prepared, split, cfg.eval.users_per_split, seed, catalog) for split in splits],
+        ignore_index=True,
+    )
+    if users.empty:
+        raise JobError(f"no user of {', '.join(splits)} in {prepared} has an embedded condition group")
+    keys = set(zip(users["user_id"].astype(int), users["group_id"].astype(int), strict=True))
+    vectors = {
+        key: vector for batch in iter_embeddings(embeddings_dir, keys) for key, vector in zip(*batch, strict=True)
+    }
+    seeds = [seed * 1000 + s for s in range(cfg.eval.seeds_per_caption)]
+    requests = real_requests(users, vectors, sorted(adapters), cfg.eval.captions_per_user, seeds)
+    log(
+        f"evaluate (real data): {len(users)} users of {', '.join(splits)}, {len(requests)} images "
+        f"({len(adapters)} variant(s) + the base), rewards {', '.join(cfg.eval.image_rewards)}"
+    )
+    frame = generate_images(cfg, requests, adapters)
+    images = np.stack([decode_png(p) for p in frame["png"]])
+    scored = frame.drop(columns=["png", "embedding"])
+    rewards = summarise_rewards(scored, cfg.eval.bootstrap_samples, seed)
+    results: dict = {
+        "mode": "real",
+        "splits": list(splits),
+        "users": {split: int((users["split"] == split).sum()) for split in splits},
+        "images": len(frame),
+        "image_rewards": rewards,
+        "selection": select_variant(rewards, cfg.eval.selection_reward)
+        if cfg.eval.selection_reward in cfg.eval.image_rewards
+        else None,
+    }
+    if cfg.eval.judge == "openai":
+        from ppd.eval.judge_eval import make_judge
+
+        try:
+            judge = make_judge(cfg, None)
+        except ValueError as err:
+            raise JobError(str(err)) from None
+        groups = read_groups(prepared, sorted(set(users["group_id"].astype(int))))
+        pngs = dict(zip(frame["request_id"].astype(int), frame["png"], strict=True))
+        log(f"evaluate: judge {judge.backend} on {int((scored['variant'] != BASE).sum())} generated pairs")
+        results["judge_generated"] = judge_generated(scored, pngs, groups, judge.ask, cfg.eval.bootstrap_samples, seed)
+        results["judge"] = _judge(cfg, None, prepared, seed)  # its accuracy on held-out human labels
+
+    out.mkdir(parents=True, exist_ok=True)
+    scored.to_parquet(out / "scores.parquet", index=False)
+    figures = {}
+    for name, path in (
+        ("samples", user_variant_grid(scored, images, out / "samples.png")),
+        ("win rates", reward_win_bars(rewards, out / "win_rates.png")),
+    ):
+        if path is not None:
+            figures[name] = str(path)
+    results["figures"] = figures
+    results["evaluate_seconds"] = time.monotonic() - began
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    _track(cfg, results, out, seed)
+    return results
 
 
 def run(
@@ -57,18 +169,13 @@ def run(
     seed: int = 0,
 ) -> dict:
     """Evaluate the given adapters on the toy world; returns results (also written to out/results.json)."""
-    import ray
 
     from ppd.embed import read_embeddings
 
     began = time.monotonic()
     if not (world / "hidden" / "rewards.json").exists():
         raise JobError(f"{world} is not a toy world (no hidden/rewards.json)")
-    missing = [v for v, path in adapters.items() if not Path(path, "adapter_config.json").exists()]
-    if missing:
-        raise JobError(
-            f"adapter folder(s) without adapter_config.json: {', '.join(f'{v}={adapters[v]}' for v in missing)}"
-        )
+    _check_adapters(adapters)
     manifest = json.loads((world / "manifest.json").read_text())
     one_reward_ids = [manifest["one_reward_users"][a] for a in ATTRIBUTES]
     upper_bounds = {a: upper_bound_variant(a) for a in ATTRIBUTES if upper_bound_variant(a) in adapters}
@@ -87,19 +194,7 @@ def run(
         raise JobError("nothing to evaluate: give --one-reward-prepared and/or --population-prepared")
     log(f"evaluate: generating {len(requests)} images with {len({r['variant'] for r in requests})} model variants")
 
-    init_ray()
-    generated = (
-        ray.data.from_items(requests)
-        .map_batches(
-            GenerationStage,
-            batch_size=cfg.eval.batch_size,
-            batch_format="pandas",
-            compute=ray.data.ActorPoolStrategy(size=cfg.eval.concurrency),
-            fn_constructor_kwargs={"config": cfg.to_dict(), "adapters": adapters},
-        )
-        .to_pandas()
-    )
-    frame = pd.DataFrame(requests).merge(generated, on="request_id").sort_values("request_id").reset_index(drop=True)
+    frame = generate_images(cfg, requests, adapters)
     images = np.stack([decode_png(p) for p in frame["png"]])
     log(f"evaluate: scoring {len(frame)} images")
     scored = score(frame.drop(columns=["png", "embedding"]), images, ToyRewards(world))
@@ -138,6 +233,16 @@ def run(
     return results
 
 
+def _adapter_items(items: list[str]) -> dict[str, str]:
+    adapters = {}
+    for item in items:
+        variant, separator, folder = item.partition("=")
+        if not separator or not variant or not folder:
+            raise JobError(f"--adapter {item!r} is not of the form VARIANT=FOLDER")
+        adapters[variant] = folder
+    return adapters
+
+
 def classifier_summary(classifier: dict, embedder: str) -> dict:
     """`ppd embed classify`'s output -> the results keys (top16 / chance16 at k = 16, or the largest k computed)."""
     top_k, chance = classifier["top_k"], classifier["chance"]
@@ -153,7 +258,7 @@ def classifier_summary(classifier: dict, embedder: str) -> dict:
     }
 
 
-def _judge(cfg: PPDConfig, world: Path, prepared: Path, seed: int) -> dict:
+def _judge(cfg: PPDConfig, world: Path | None, prepared: Path, seed: int) -> dict:
     """Supplementary B.3: the judge on held-out population pairs, each asked in both orders, against the labels."""
     from ppd.eval.judge_eval import evaluate_judge, judge_queries, make_judge
 
@@ -207,9 +312,22 @@ def flatten_numbers(tree: dict, prefix: str = "") -> list[tuple[str, float]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = job_arg_parser(__doc__.splitlines()[0])
-    parser.add_argument("--world", required=True, type=Path, help="toy world folder (hidden rewards are read here)")
+    parser.add_argument(
+        "--world", type=Path, default=None, help="toy world folder (its hidden rewards score); none = real data"
+    )
+    parser.add_argument("--prepared", type=Path, default=None, help="real data: output folder of the preparation job")
+    parser.add_argument("--embeddings", type=Path, default=None, help="real data: output folder of the embedding job")
+    parser.add_argument("--splits", default="test_seen,test_unseen", help="real data: comma-separated splits")
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--adapters", type=Path, required=True, help="JSON {variant: adapter folder}")
+    parser.add_argument("--adapters", type=Path, default=None, help="JSON file {variant: adapter folder}")
+    parser.add_argument(
+        "--adapter",
+        dest="adapter_items",
+        action="append",
+        default=[],
+        metavar="VARIANT=FOLDER",
+        help="an adapter to evaluate (repeatable; beside or instead of --adapters)",
+    )
     parser.add_argument("--one-reward-prepared", type=Path, default=None)
     parser.add_argument("--population-prepared", type=Path, default=None)
     parser.add_argument("--population-embeddings", type=Path, default=None)
@@ -218,11 +336,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(args)
+        adapters = {**_read_json(args.adapters, "adapters file"), **_adapter_items(args.adapter_items)}
+        if not adapters:
+            raise JobError("name the adapters to evaluate: --adapters FILE and/or --adapter VARIANT=FOLDER")
+        if args.world is None:
+            if args.prepared is None or args.embeddings is None:
+                raise JobError("real data needs --prepared and --embeddings (or give --world for the toy world)")
+            results = run_real(
+                cfg,
+                args.prepared,
+                args.embeddings,
+                args.out,
+                adapters,
+                tuple(s for s in args.splits.split(",") if s),
+                args.seed,
+            )
+            print(json.dumps({k: v for k, v in results.items() if k != "figures"}, indent=1)[:4000])
+            return 0
         results = run(
             cfg,
             args.world,
             args.out,
-            _read_json(args.adapters, "adapters file"),
+            adapters,
             args.one_reward_prepared,
             args.population_prepared,
             args.population_embeddings,

@@ -4,10 +4,13 @@
         python -m ray_jobs.precompute --prepared /abs/prepared/population --embeddings /abs/embeddings \
         --out /abs/precomputed/population
 
-The join (pair -> caption row, pair -> embedding of its condition group) is planned on the driver from a small
-metadata table (no images). Captions are encoded once each by a Ray Data actor pool and streamed into a memory-mapped
-caption table; images stream through a second actor pool that decodes and encodes them, then the rows are sorted by
-their seeded order key and written as parquet. Training reads only these outputs (`ppd.train.data`).
+The join (pair -> caption row, pair -> embedding of its condition group) is planned on the driver from small tables:
+the pairs' metadata (no images) and the embeddings' catalog (keys and shapes, no vectors); the vectors are then
+streamed part file by part file into a memory-mapped table, so the driver never holds them all (29 x 3584 floats per
+group for the 7B). Captions are encoded once each by a Ray Data actor pool (a GPU each on a cluster) and streamed into
+a memory-mapped caption table; images stream through a second actor pool that decodes and encodes them (EfficientNet
+on real models), then the rows, latents in the model's dtype (bf16 on a cluster), are sorted by their seeded order key
+and written as parquet. Training reads only these outputs (`ppd.train.data`).
 """
 
 from __future__ import annotations
@@ -36,10 +39,10 @@ from ppd.train.data import (
     PrecomputedManifest,
     SplitFiles,
     TensorTable,
+    latent_column,
 )
 from ppd.train.precompute import (
     caption_index,
-    embedding_rows,
     encode_pairs,
     load_latent_encoder,
     plan_training_rows,
@@ -88,8 +91,9 @@ class LatentStage:
         import ray  # workers only
 
         model_cfg = ModelConfig.model_validate(model)
-        self.encoder = load_latent_encoder(model_cfg)
+        self.encoder = load_latent_encoder(model_cfg)  # on this actor's GPU when it has one
         self.latent_shape = latent_shape(model_cfg)  # [C, H, W] Stage C reads
+        self.latent_dtype = model_cfg.dtype  # bf16 models: bf16 latents (half the bytes through the sort and on disk)
         plan: pa.Table = ray.get(plan_ref)
         self.plan = plan.to_pandas().set_index("pair_id")
 
@@ -113,18 +117,13 @@ class LatentStage:
         columns = {
             "pair_id": pa.array(kept_ids, pa.int64()),
             **{name: pa.array(rows[name].to_numpy(), pa.int64()) for name in _PLAN_INT_COLUMNS},
-            "latents_win": _fixed_lists(latents.latents_win, width),
-            "latents_lose": _fixed_lists(latents.latents_lose, width),
+            "latents_win": latent_column(latents.latents_win, width, self.latent_dtype),
+            "latents_lose": latent_column(latents.latents_lose, width, self.latent_dtype),
         }
         return pa.table(columns)
 
 
 _PLAN_INT_COLUMNS = ("user_id", "caption_index", "embedding_index", "condition_group_id", "order_key")
-
-
-def _fixed_lists(latents: torch.Tensor, width: int) -> pa.Array:
-    flat = pa.array(latents.reshape(-1).numpy() if latents.numel() else np.zeros(0, np.float32), pa.float32())
-    return pa.FixedSizeListArray.from_arrays(flat, width)  # [K] rows of C*H*W floats
 
 
 def read_pair_metadata(prepared: Path, splits: tuple[str, ...]) -> pd.DataFrame:
@@ -145,19 +144,19 @@ def read_pair_metadata(prepared: Path, splits: tuple[str, ...]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def load_embeddings(path: Path) -> dict[tuple[int, int], np.ndarray]:
-    """{(user_id, group_id): [L, d]} from the Stage-1 embedding folder (ppd.embed.store's format)."""
-    from ppd.embed.store import read_embeddings
+def load_embedding_catalog(path: Path) -> dict[tuple[int, int], tuple[int, ...]]:
+    """{(user_id, group_id): [L, d] shape} of the Stage-1 embedding folder (ppd.embed.store's format), no vectors."""
+    from ppd.embed.store import read_embedding_catalog
 
     if not path.exists():
         raise JobError(f"embeddings {path} do not exist (run `ppd embed` first)")
     try:
-        embeddings = read_embeddings(path)
+        catalog = read_embedding_catalog(path)
     except (FileNotFoundError, ValueError, pa.ArrowInvalid) as err:
         raise JobError(f"embeddings {path}: {err}") from None
-    if not embeddings:
+    if not catalog:
         raise JobError(f"embeddings {path} hold no successful embedding (every row is an error row)")
-    return embeddings
+    return catalog
 
 
 def run(
@@ -173,14 +172,15 @@ def run(
         raise JobError(f"prepared data {prepared} does not exist (run `ppd prepare` first)")
     model = resolved_model_config(cfg.model)
     try:
-        load_latent_encoder(model)  # fails fast, on the driver, for architectures without an image encoder
-    except NotImplementedError as err:
+        # Fails fast, on the driver (on CPU: it only checks that the weights exist and fit; the actors use GPUs).
+        load_latent_encoder(model, device="cpu")
+    except (FileNotFoundError, ValueError) as err:
         raise JobError(str(err)) from None
     pairs = read_pair_metadata(prepared, splits)
-    embeddings = load_embeddings(embeddings_path)
+    catalog = load_embedding_catalog(embeddings_path)  # keys and shapes only: the vectors are streamed below
     captions = caption_index(pairs["caption"])
     try:
-        plan, embedding_index, skipped = plan_training_rows(pairs, embeddings, captions, cfg.data.seed)
+        plan, embedding_index, skipped = plan_training_rows(pairs, catalog, captions, cfg.data.seed)
     except ValueError as err:
         raise JobError(str(err)) from None
     present = tuple(s for s in splits if s in set(pairs["split"]))
@@ -204,7 +204,7 @@ def run(
         "batch_size": cfg.train.precompute_batch_size,
     }
     text_shape, pooled_dim = _write_caption_table(captions, model, out, encoder_actors)
-    _write_embedding_table(embedding_index, embeddings, out, model)
+    _write_embedding_table(embedding_index, embeddings_path, out)
     plan_ref = ray.put(pa.Table.from_pandas(plan.drop(columns="split"), preserve_index=False))
     split_files = {}
     for split in present:
@@ -218,6 +218,7 @@ def run(
         architecture=model.architecture,
         text_encoder=model.stage_c_path or "tiny",
         latent_shape=latent_shape(model),
+        latent_dtype=model.dtype,
         text_shape=text_shape,
         pooled_dim=pooled_dim,
         embedding_shape=embedding_index.embedding_shape,
@@ -263,15 +264,26 @@ def _write_caption_table(
     return text_shape, pooled_dim
 
 
-def _write_embedding_table(index, embeddings: dict, out: Path, model: ModelConfig, chunk: int = 1024) -> None:
+def _write_embedding_table(index, embeddings_path: Path, out: Path) -> None:
+    """The join's embedding side, streamed: each part file of the embedding folder is read once and its used rows
+    go to their place in the memory-mapped table, so the driver holds one part (not 29 x 3584 floats per group)."""
+    from ppd.embed.store import iter_embeddings
+
     rows = len(index.table)
-    log(f"writing {rows} user embeddings {list(index.embedding_shape)}")
+    log(f"writing {rows} user embeddings {list(index.embedding_shape)} (streamed from {embeddings_path})")
     index.table.to_parquet(out / EMBEDDINGS_INDEX, index=False)
+    row_of = {
+        (int(u), int(g)): int(r)
+        for u, g, r in zip(index.table["user_id"], index.table["group_id"], index.table["embedding_index"], strict=True)
+    }
     specs = {"user_embedding": ((rows, *index.embedding_shape), torch.float32)}
+    written = 0
     with TensorTable.create(out / EMBEDDINGS_FILE, specs) as writer:
-        for start in range(0, rows, chunk):
-            stop = min(start + chunk, rows)
-            writer.write("user_embedding", np.arange(start, stop), embedding_rows(index, embeddings, start, stop))
+        for keys, vectors in iter_embeddings(embeddings_path, row_of):
+            writer.write("user_embedding", np.array([row_of[key] for key in keys]), torch.from_numpy(vectors))
+            written += len(keys)
+    if written != rows:
+        raise JobError(f"{embeddings_path}: {rows} planned user embeddings, {written} found while streaming them")
 
 
 def _write_split(

@@ -15,14 +15,11 @@ import json
 import sys
 from pathlib import Path
 
-import pandas as pd
-
 from ppd.config import ATTRIBUTES, PPDConfig
 from ppd.eval.evaluate import decode_png, read_split, score
-from ppd.eval.generate import GenerationStage
 from ppd.eval.rewards import ToyRewards
 from ppd.eval.toy_experiments import OneRewardUsers, summarise_validation, validation_requests
-from ray_jobs.common import JobError, config_from_args, init_ray, job_arg_parser, log
+from ray_jobs.common import JobError, config_from_args, generate_images, job_arg_parser, log
 
 VALIDATION_FILE = "validation.json"
 
@@ -30,7 +27,6 @@ VALIDATION_FILE = "validation.json"
 def run(cfg: PPDConfig, world: Path, prepared: Path, adapters: dict[str, str], out: Path, seed: int = 0) -> dict:
     """Score every adapter on `prepared`'s validation split; returns (and writes) {variant: scores}."""
     import numpy as np
-    import ray
 
     if not (world / "hidden" / "rewards.json").is_file():
         raise JobError(f"{world} is not a toy world (no hidden/rewards.json)")
@@ -47,20 +43,7 @@ def run(cfg: PPDConfig, world: Path, prepared: Path, adapters: dict[str, str], o
     for index, request in enumerate(requests):
         request["request_id"] = index
     log(f"validate: {len(requests)} images of {len(adapters)} adapter(s) + the base on {len(captions)} captions")
-    init_ray()
-    generated = (
-        ray.data.from_items(requests)
-        .map_batches(
-            GenerationStage,
-            batch_size=cfg.eval.batch_size,
-            batch_format="pandas",
-            compute=ray.data.ActorPoolStrategy(size=cfg.eval.concurrency),
-            fn_constructor_kwargs={"config": cfg.to_dict(), "adapters": adapters},
-        )
-        .to_pandas()
-    )
-    frame = pd.DataFrame(requests).merge(generated[["request_id", "png"]], on="request_id")
-    frame = frame.sort_values("request_id").reset_index(drop=True)
+    frame = generate_images(cfg, requests, adapters)
     images = np.stack([decode_png(p) for p in frame["png"]])
     scored = score(frame.drop(columns=["png", "embedding"]), images, ToyRewards(world))
     results = summarise_validation(scored, cfg.eval.bootstrap_samples, seed)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -114,20 +114,18 @@ def read_rows(out_dir: str | Path, identity: EmbeddingIdentity | None = None) ->
     return table if identity is None else _matches(table, identity)
 
 
-def read_embeddings(
-    out_dir: str | Path, model_id: str | None = None, prompt_hash: str | None = None
-) -> dict[tuple[int, int], np.ndarray]:
-    """{(user_id, group_id): float32 [L, d]} of the successful rows; error rows are left out.
+_CATALOG_COLUMNS = ["user_id", "group_id", "embedding_shape", "model_id", "prompt_hash", "settings", "layers", "error"]
 
-    A folder holding several kinds of embeddings (models, prompts, layers or settings) must be narrowed with
-    `model_id` / `prompt_hash`, else this raises: mixing them would compare incomparable vectors.
-    """
-    table = read_rows(out_dir)
+
+def _successful(table: pa.Table, model_id: str | None, prompt_hash: str | None) -> pa.Table:
     if model_id is not None:
         table = table.filter(pc.equal(table["model_id"], model_id))
     if prompt_hash is not None:
         table = table.filter(pc.equal(table["prompt_hash"], prompt_hash))
-    table = table.filter(pc.is_null(table["error"]))
+    return table.filter(pc.is_null(table["error"]))
+
+
+def _check_one_kind(table: pa.Table, out_dir: str | Path) -> None:
     columns = [table[c].to_pylist() for c in ("model_id", "prompt_hash", "settings", "layers")]
     runs = {(m, p, s, tuple(layers)) for m, p, s, layers in zip(*columns, strict=True)}
     if len(runs) > 1:
@@ -135,15 +133,82 @@ def read_embeddings(
         raise ValueError(
             f"{out_dir} mixes {len(runs)} kinds of embeddings ({listed}): choose one with model_id/prompt_hash"
         )
-    embeddings: dict[tuple[int, int], np.ndarray] = {}
+
+
+def read_embedding_catalog(
+    out_dir: str | Path, model_id: str | None = None, prompt_hash: str | None = None
+) -> dict[tuple[int, int], tuple[int, ...]]:
+    """{(user_id, group_id): [L, d] shape} of the successful rows, read without the embeddings themselves.
+
+    What a join needs to plan (which groups exist, for which user, of which shape) at a few bytes per group; the
+    vectors are then streamed with `iter_embeddings`. Same checks as `read_embeddings` (one kind, no duplicates).
+    """
+    files = part_files(out_dir)
+    if not files:
+        raise FileNotFoundError(f"no embedding part files (part-*.parquet) under {out_dir}")
+    table = _successful(pq.read_table(files, columns=_CATALOG_COLUMNS, schema=ROW_SCHEMA), model_id, prompt_hash)
+    _check_one_kind(table, out_dir)
+    catalog: dict[tuple[int, int], tuple[int, ...]] = {}
+    for user_id, group_id, shape in zip(
+        table["user_id"].to_pylist(), table["group_id"].to_pylist(), table["embedding_shape"].to_pylist(), strict=True
+    ):
+        key = (int(user_id), int(group_id))
+        if key in catalog:
+            raise ValueError(f"{out_dir}: group {group_id} of user {user_id} is stored twice")
+        catalog[key] = tuple(int(side) for side in shape)
+    return catalog
+
+
+def iter_embeddings(
+    out_dir: str | Path,
+    keys: Collection[tuple[int, int]],
+    model_id: str | None = None,
+    prompt_hash: str | None = None,
+) -> Iterator[tuple[list[tuple[int, int]], np.ndarray]]:
+    """Stream the embeddings of `keys` ((user_id, group_id) pairs), one part file at a time: (keys, float32 [n, L, d]).
+
+    Memory stays at one part file (one embedding batch) however large the folder: the driver of a join never holds
+    every embedding. Keys absent from the folder are simply not yielded (the caller counts what it received)."""
+    wanted = set(keys)
+    for path in part_files(out_dir):
+        table = _successful(pq.read_table(path, schema=ROW_SCHEMA), model_id, prompt_hash)
+        found = [
+            (index, (int(u), int(g)))
+            for index, (u, g) in enumerate(
+                zip(table["user_id"].to_pylist(), table["group_id"].to_pylist(), strict=True)
+            )
+            if (int(u), int(g)) in wanted
+        ]
+        if not found:
+            continue
+        table = table.take(pa.array([index for index, _ in found], pa.int64()))
+        vectors = _arrays(table)
+        yield [key for _, key in found], np.stack(vectors)  # [n, L, d]
+
+
+def _arrays(table: pa.Table) -> list[np.ndarray]:
     flat = table["embedding"].combine_chunks()  # ListArray: offsets index into one float32 buffer
     values, offsets = flat.values.to_numpy(), flat.offsets.to_numpy()
     shapes = table["embedding_shape"].to_pylist()
-    for index, (user_id, group_id) in enumerate(
-        zip(table["user_id"].to_pylist(), table["group_id"].to_pylist(), strict=True)
-    ):
+    return [values[offsets[i] : offsets[i + 1]].reshape(shapes[i]).copy() for i in range(len(table))]  # [L, d] each
+
+
+def read_embeddings(
+    out_dir: str | Path, model_id: str | None = None, prompt_hash: str | None = None
+) -> dict[tuple[int, int], np.ndarray]:
+    """{(user_id, group_id): float32 [L, d]} of the successful rows; error rows are left out.
+
+    A folder holding several kinds of embeddings (models, prompts, layers or settings) must be narrowed with
+    `model_id` / `prompt_hash`, else this raises: mixing them would compare incomparable vectors. Everything is held
+    in memory: a large folder is better planned with `read_embedding_catalog` and streamed with `iter_embeddings`.
+    """
+    table = _successful(read_rows(out_dir), model_id, prompt_hash)
+    _check_one_kind(table, out_dir)
+    embeddings: dict[tuple[int, int], np.ndarray] = {}
+    keys = zip(table["user_id"].to_pylist(), table["group_id"].to_pylist(), strict=True)
+    for (user_id, group_id), vector in zip(keys, _arrays(table), strict=True):
         key = (int(user_id), int(group_id))
         if key in embeddings:
             raise ValueError(f"{out_dir}: group {group_id} of user {user_id} is stored twice")
-        embeddings[key] = values[offsets[index] : offsets[index + 1]].reshape(shapes[index]).copy()  # [L, d]
+        embeddings[key] = vector  # [L, d]
     return embeddings

@@ -123,15 +123,21 @@ class VLLMEmbedder(HFVLMEmbedder):
         ok, reason = vllm_available()
         if not ok:
             raise RuntimeError(reason)
+        if self.device.type == "cuda":
+            check_room_for_vllm(cfg.vllm_gpu_memory_utilization, self.device)
         from vllm import LLM
 
+        self.max_model_len = max_model_len or cfg.max_model_len
         self.llm = LLM(
             model=vllm_model_dir(path),
             limit_mm_per_prompt={"image": 2 * 16},  # two images per pair, up to 16 pairs (DataConfig.shots <= 16)
             dtype={torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype],
             enforce_eager=self.device.type == "cpu",
             seed=cfg.seed,
-            max_model_len=max_model_len,
+            max_model_len=self.max_model_len,
+            # The transformers copy loaded above holds the same weights: vLLM's default (0.9 of the whole GPU) would
+            # not fit beside it. Weights + KV cache stay within this share; the copy and its forward use the rest.
+            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
         )
 
     def vllm_requests(self, groups: Sequence[FewShotGroup], images: Sequence[Sequence[Image.Image]]):
@@ -158,16 +164,51 @@ class VLLMEmbedder(HFVLMEmbedder):
         return prompts, params
 
     def generate(self, groups: Sequence[FewShotGroup], images: Sequence[Sequence[Image.Image]]) -> list[Generation]:
-        """Profiles from vLLM, with vLLM's expanded prompt ids (its image-token layout)."""
+        """Profiles from vLLM, with vLLM's expanded prompt ids (its image-token layout).
+
+        vLLM refuses a whole batch when one prompt does not fit the context (e.g. images whose any-resolution grids
+        add up to more than `max_model_len` tokens); the batch is then retried one group at a time, and the groups
+        vLLM refuses become error rows instead of failing the actor.
+        """
         prompts, params = self.vllm_requests(groups, images)
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        generations = []
-        for output in outputs:
-            completion = output.outputs[0]
-            generated = list(completion.token_ids)
-            generated = generated[: self._final_index(generated) + 1]
-            generations.append(Generation(list(output.prompt_token_ids), generated, completion.text))
-        return generations
+        try:
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        except _refusals():
+            return [self._generate_one(prompt, param) for prompt, param in zip(prompts, params, strict=True)]
+        return [self._generation(output) for output in outputs]
+
+    def _generate_one(self, prompt: dict, param) -> Generation:
+        try:
+            (output,) = self.llm.generate([prompt], [param], use_tqdm=False)
+        except _refusals() as err:  # vLLM's validation: the prompt does not fit (or breaks another limit)
+            return Generation([], [], "", error=f"vLLM refused the prompt: {str(err).splitlines()[0][:300]}")
+        return self._generation(output)
+
+    def _generation(self, output) -> Generation:
+        completion = output.outputs[0]
+        generated = list(completion.token_ids)
+        generated = generated[: self._final_index(generated) + 1]
+        return Generation(list(output.prompt_token_ids), generated, completion.text)
+
+
+def _refusals() -> tuple[type[Exception], ...]:
+    """What vLLM raises for a request it will not run: ValueError, and from 0.32 its own VLLMValidationError."""
+    try:
+        from vllm.exceptions import VLLMValidationError
+    except ImportError:
+        return (ValueError,)
+    return (ValueError, VLLMValidationError)
+
+
+def check_room_for_vllm(utilization: float, device: torch.device) -> None:
+    """Raise a one-line RuntimeError when vLLM's share of the GPU is no longer free (the copy loaded first uses it)."""
+    free, total = torch.cuda.mem_get_info(device)
+    if free < utilization * total:
+        raise RuntimeError(
+            f"embed.vllm_gpu_memory_utilization={utilization} asks for {utilization * total / 2**30:.1f} GiB of "
+            f"{total / 2**30:.1f} GiB, but only {free / 2**30:.1f} GiB are free beside the transformers copy of the "
+            f"model: set it to at most {max(0.05, free / total - 0.05):.2f}"
+        )
 
 
 def collapse_image_placeholders(token_ids: Sequence[int], image_token_id: int) -> list[int]:

@@ -30,7 +30,8 @@ The tiny model (random weights, fixed seed) is built once into `<cache_dir>/tiny
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -274,6 +275,52 @@ def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
 
 
+def language_model_of(model: LlavaOnevisionForConditionalGeneration) -> torch.nn.Module:
+    """The Qwen2 decoder (embeddings -> layers -> final norm) inside LLaVA-OneVision."""
+    return model.model.language_model
+
+
+@contextmanager
+def final_token_states(decoder: torch.nn.Module, layers: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """While open, a forward of `decoder` fills {layer: state at the last position [b, d]} for the `layers` asked for.
+
+    Layer indices are those of transformers' `hidden_states` tuple: 0 = the decoder's input (token embeddings with
+    the image features merged in), i = the output of decoder layer i (1 <= i < n), n = the output of the last layer
+    after the final norm (transformers replaces the last entry by `last_hidden_state`). Only a [b, d] slice per
+    layer is kept; the full [b, T, d] states are freed as the forward goes.
+    """
+    blocks = list(decoder.layers)
+    count = len(blocks)
+    captured: dict[int, torch.Tensor] = {}
+
+    def keep(layer: int, states: torch.Tensor | tuple) -> None:
+        states = states[0] if isinstance(states, tuple) else states  # [b, T, d]
+        captured[layer] = states[:, -1].detach()  # [b, d]
+
+    handles = []
+    for layer in sorted(set(layers)):
+        if not 0 <= layer <= count:
+            raise ValueError(f"layer {layer} out of range for a decoder of {count} layers (0..{count})")
+        if layer == 0:
+            handles.append(
+                blocks[0].register_forward_pre_hook(
+                    lambda module, args, kwargs: keep(0, args[0] if args else kwargs["hidden_states"]),
+                    with_kwargs=True,
+                )
+            )
+        elif layer == count:
+            handles.append(decoder.norm.register_forward_hook(lambda module, args, output: keep(count, output)))
+        else:
+            handles.append(
+                blocks[layer - 1].register_forward_hook(lambda module, args, output, layer=layer: keep(layer, output))
+            )
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 # --- the backend ------------------------------------------------------------------------------------------------------
 
 
@@ -284,11 +331,13 @@ class Generation:
     prompt_ids: list[int]
     generated_ids: list[int]  # up to and including the final generated token (the end-of-turn token if written)
     text: str
+    error: str | None = None  # why nothing was generated (e.g. a prompt longer than the context): an error row
 
 
 def load_vlm(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """(model, tokenizer, image processor) from a LLaVA-OneVision directory (or hub id on clusters)."""
-    model = LlavaOnevisionForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    model = model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     image_processor = LlavaOnevisionImageProcessorPil.from_pretrained(path)
     return model, tokenizer, image_processor
@@ -327,6 +376,8 @@ class HFVLMEmbedder(Embedder):
             "seed": cfg.seed,
             "layout": cls.layout,
         }
+        if cfg.max_image_side is not None:  # changes what the model sees; absent when unset (older identities stay)
+            settings["max_image_side"] = cfg.max_image_side
         layers = tuple(resolve_layers(cfg.layers, num_hidden_states))
         return EmbeddingIdentity(cls.name, model_id, cot.prompt_hash(), layers, settings)
 
@@ -399,8 +450,10 @@ class HFVLMEmbedder(Embedder):
         """Hidden states of the selected layers at each row's last token -> float32 [B, L, d].
 
         Rows are prompt + generated ids; they are left-padded so the last token of every row sits in the last column,
-        with positions counted over real tokens only. Runs in chunks of `cfg.forward_batch_size` rows: all-layer
-        states of a long multimodal prompt are large (the 7B: ~1.7 GB per row in bf16).
+        with positions counted over real tokens only. Only the final column of each selected layer is kept (hooks,
+        `final_token_states`): `output_hidden_states=True` would hold every layer's [b, T, d] for the whole chunk
+        (the 7B with 8 images: ~29 x 13k x 3584 x 2 bytes = 2.7 GB per row). Runs in chunks of
+        `cfg.forward_batch_size` rows, which bounds the forward's own activations.
         """
         states = []
         chunk = self.cfg.forward_batch_size
@@ -408,26 +461,57 @@ class HFVLMEmbedder(Embedder):
             rows, row_images = token_rows[start : start + chunk], images[start : start + chunk]
             input_ids, attention_mask = left_pad(rows, self.tokenizer.pad_token_id)
             vision = self.inputs.vision(row_images, layout)
-            output = self.model(
-                input_ids=input_ids.to(self.device),
-                attention_mask=attention_mask.to(self.device),
-                position_ids=position_ids_for(attention_mask).to(self.device),
-                **vision.to(self.device, self.model.dtype),
-                output_hidden_states=True,
-                logits_to_keep=1,  # the logits are not needed; this keeps the [B, T, vocab] tensor away
-                use_cache=False,
-            )
-            # hidden_states: (embeddings, layer 1, ..., last layer after the final norm), each [b, T, d]
-            at_final = torch.stack([output.hidden_states[layer][:, -1] for layer in self.layers], dim=1)  # [b, L, d]
+            with final_token_states(language_model_of(self.model), self.layers) as captured:
+                self.model(
+                    input_ids=input_ids.to(self.device),
+                    attention_mask=attention_mask.to(self.device),
+                    position_ids=position_ids_for(attention_mask).to(self.device),
+                    **vision.to(self.device, self.model.dtype),
+                    logits_to_keep=1,  # the logits are not needed; this keeps the [B, T, vocab] tensor away
+                    use_cache=False,
+                )
+            at_final = torch.stack([captured[layer] for layer in self.layers], dim=1)  # [b, L, d]
             states.append(at_final.float().cpu().numpy())
         return np.concatenate(states, axis=0)  # [B, L, d]
 
+    def _decode(self, group: FewShotGroup) -> list[Image.Image]:
+        images = group.images()
+        side = self.cfg.max_image_side
+        return images if side is None else [shrink_image(image, side) for image in images]
+
     def _embed_decoded(self, groups: list[FewShotGroup], images: list[list[Image.Image]]) -> list[EmbeddingRow]:
         generations = self.generate(groups, images)
-        states = self.states_at_final_token(
-            [g.prompt_ids + g.generated_ids for g in generations], images, layout=self.layout
+        ok = [index for index, generation in enumerate(generations) if generation.error is None]
+        states = (
+            self.states_at_final_token(
+                [generations[i].prompt_ids + generations[i].generated_ids for i in ok],
+                [images[i] for i in ok],
+                layout=self.layout,
+            )
+            if ok
+            else []
         )
-        return [
-            self._row(group, state, profile=cot.profile_text(gen.text), generated_text=gen.text)
-            for group, gen, state in zip(groups, generations, states, strict=True)
-        ]
+        state_of = dict(zip(ok, states, strict=True))
+        rows = []
+        for index, (group, generation) in enumerate(zip(groups, generations, strict=True)):
+            if generation.error is not None:
+                rows.append(self._row(group, None, error=generation.error))
+                continue
+            rows.append(
+                self._row(
+                    group,
+                    state_of[index],
+                    profile=cot.profile_text(generation.text),
+                    generated_text=generation.text,
+                )
+            )
+        return rows
+
+
+def shrink_image(image: Image.Image, side: int) -> Image.Image:
+    """`image` with its longer side brought down to `side` (aspect kept); smaller images are left as they are."""
+    width, height = image.size
+    if max(width, height) <= side:
+        return image
+    scale = side / max(width, height)
+    return image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BICUBIC)

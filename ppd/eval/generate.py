@@ -18,15 +18,19 @@ from ppd.train.step import population_user_embedding
 
 
 class VariantGenerator:
-    """Generates images for (caption, seed, user embedding) rows with one model variant; models loaded once."""
+    """Generates images for (caption, seed, user embedding) rows with one model variant; models loaded once, on the
+    GPU when the process has one."""
 
     def __init__(
         self,
         cfg: PPDConfig,
         adapter_dir: str | Path | None,
-        device: str = "cpu",
+        device: str | None = None,
         caption_cache_size: int | None = None,
     ) -> None:
+        # None = this process's GPU when it has one (a Ray actor or Serve replica given num_gpus), else the CPU.
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device(device)
         self.cfg = cfg
         # None = keep every caption (evaluation's fixed set); a server bounds it (captions come from clients).
         self.caption_cache_size = caption_cache_size
@@ -98,8 +102,10 @@ class GenerationStage:
         self.cfg = PPDConfig.from_dict(config)
         self.adapters = adapters
         self.generators: dict[str, VariantGenerator] = {}
-        # Real-image rewards (CLIP score, aesthetic, HPSv2): loaded once per actor, applied to every image made here.
-        self.image_rewards = load_image_rewards(self.cfg.eval, self.cfg.model.cache_dir)
+        # Real-image rewards (CLIP score, aesthetic, HPSv2): loaded once per actor, applied to every image made here,
+        # on the actor's GPU when it has one (as the generators).
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.image_rewards = load_image_rewards(self.cfg.eval, self.cfg.model.cache_dir, device=device)
 
     def _generator(self, variant: str):
         if variant not in self.generators:

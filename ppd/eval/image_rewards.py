@@ -21,6 +21,9 @@ the toy world, where the numbers mean nothing but every line of the scoring path
 
   The keys stay the public module's (`layers.0`, `layers.2`, `layers.4`, `layers.6`, `layers.7`: the Dropouts sit
   between), which `AestheticHead` mirrors.
+- PickScore (the paper's validation metric for choosing beta): a CLIP ViT-H/14 fine-tuned on Pick-a-Pic
+  (`yuvalkirstain/PickScore_v1`, processor of `laion/CLIP-ViT-H-14-laion2B-s32B-b79K`);
+  score = exp(logit_scale) * cos(image, caption), unclipped, as its authors compute it.
 - HPSv2: an OpenCLIP ViT-H/14 fine-tuned on human preferences; score = 100 * cos(image, caption), unclipped. open_clip
   is not part of this stack, so the checkpoint must be HPSv2 converted to transformers' `CLIPModel` format (the
   ViT-H/14 architecture of `laion/CLIP-ViT-H-14-laion2B-s32B-b79K` with HPSv2's weights); the conversion is a
@@ -54,7 +57,7 @@ from ppd.embed.base import quiet_progress_bars
 from ppd.models.local_cache import build_once
 from ppd.models.text import build_tiny_clip_tokenizer, tiny_clip_text_config
 
-IMAGE_REWARDS: tuple[str, ...] = ("clip_score", "aesthetic", "hps")
+IMAGE_REWARDS: tuple[str, ...] = ("pickscore", "clip_score", "aesthetic", "hps")
 AESTHETIC_HIDDEN: tuple[int, ...] = (1024, 128, 64, 16)  # the public LAION predictor's widths after the input
 AESTHETIC_HEAD_FILE = "aesthetic_head.safetensors"
 TINY_CLIP_REWARD_NAME = "tiny-clip-reward"
@@ -124,19 +127,29 @@ def _from_pretrained(model_class, path: str):
 
 
 class ClipSimilarityReward:
-    """100 * cos(CLIP image embedding, CLIP caption embedding): the CLIP score (clipped at 0) and HPSv2 (unclipped)."""
+    """scale * cos(CLIP image embedding, CLIP caption embedding): the CLIP score (100, clipped at 0), HPSv2 (100,
+    unclipped) and PickScore (the model's own exp(logit_scale), unclipped)."""
 
     def __init__(
-        self, name: str, path: str, clip_at_zero: bool, batch_size: int = 32, device: str | torch.device = "cpu"
+        self,
+        name: str,
+        path: str,
+        clip_at_zero: bool,
+        batch_size: int = 32,
+        device: str | torch.device = "cpu",
+        scale: float | None = 100.0,
+        processor_path: str | None = None,
     ) -> None:
         self.name = name
         self.clip_at_zero = clip_at_zero
         self.batch_size = batch_size
         self.device = torch.device(device)
         self.model = _from_pretrained(CLIPModel, path).to(self.device)
+        # None: the model's learned temperature (PickScore's definition), read once.
+        self.scale = float(self.model.logit_scale.detach().exp()) if scale is None else scale
         with _quiet_loading():
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
-            self.processor = CLIPImageProcessorPil.from_pretrained(path)
+            self.tokenizer = AutoTokenizer.from_pretrained(processor_path or path)
+            self.processor = CLIPImageProcessorPil.from_pretrained(processor_path or path)
         self.max_length = self.model.config.text_config.max_position_embeddings
 
     @torch.no_grad()
@@ -158,7 +171,7 @@ class ClipSimilarityReward:
             image_embeds = _unit(self.model.get_image_features(pixel_values=pixels))  # [b, D]
             text_embeds = _unit(self.model.get_text_features(**tokens))  # [b, D]
             cosine = (image_embeds * text_embeds).sum(-1)  # [b]
-            scores.append(100.0 * (cosine.clamp(min=0) if self.clip_at_zero else cosine))
+            scores.append(self.scale * (cosine.clamp(min=0) if self.clip_at_zero else cosine))
         return torch.cat(scores).double().cpu().numpy() if scores else np.zeros(0)
 
 
@@ -289,7 +302,17 @@ def load_image_rewards(
 
     rewards: dict[str, ImageReward] = {}
     for name in cfg.image_rewards:
-        if name == "clip_score":
+        if name == "pickscore":
+            rewards[name] = ClipSimilarityReward(
+                name,
+                path_or_tiny(cfg.pickscore_path),
+                clip_at_zero=False,
+                batch_size=cfg.reward_batch_size,
+                device=device,
+                scale=None,
+                processor_path=cfg.pickscore_processor_path,
+            )
+        elif name == "clip_score":
             rewards[name] = ClipSimilarityReward(
                 name,
                 path_or_tiny(cfg.clip_score_path),

@@ -95,9 +95,27 @@ def parse_reasoned_answer(text: str) -> Verdict:
     return int(found[-1]) - 1 if found else None
 
 
-def _image_part(data: bytes) -> dict:
+def _image_part(data: bytes, max_side: int | None = None) -> dict:
+    if max_side is not None:
+        data = _shrunk(data, max_side)
     kind = "png" if data[:4] == b"\x89PNG" else "jpeg"
     return {"type": "image_url", "image_url": {"url": f"data:image/{kind};base64,{base64.b64encode(data).decode()}"}}
+
+
+def _shrunk(data: bytes, max_side: int) -> bytes:
+    """PNG/JPEG bytes with the longer side brought down to `max_side` (re-encoded as PNG); smaller ones unchanged."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        if max(image.size) <= max_side:
+            return data
+        scale = max_side / max(image.size)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        buffer = io.BytesIO()
+        image.convert("RGB").resize(size, Image.Resampling.BICUBIC).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 # Supplementary B.3 / Table 2, in our own words: a system role, the labelled examples with a chain of thought
@@ -113,11 +131,18 @@ REASONING_STEPS = (
 FINAL_LINE = "Finish your reply with a single line of the form 'Preference: 1' or 'Preference: 2'."
 
 
-def chat_messages(query: JudgeQuery, swapped: bool, chain_of_thought: bool = False) -> list[dict]:
+def chat_messages(
+    query: JudgeQuery, swapped: bool, chain_of_thought: bool = False, max_image_side: int | None = None
+) -> list[dict]:
     """The judge prompt as OpenAI chat messages: the user's examples, then the new pair.
 
     `chain_of_thought`: B.3's protocol (system role, reasoning steps, the profile when known, a final
-    'Preference: N' line); otherwise a bare 'answer 1 or 2' question (short, for greedy checks)."""
+    'Preference: N' line); otherwise a bare 'answer 1 or 2' question (short, for greedy checks).
+    `max_image_side` shrinks every image first (a VLM judge's context holds 2 x shots + 2 of them)."""
+
+    def part(data: bytes) -> dict:
+        return _image_part(data, max_image_side)
+
     content: list[dict] = [
         {
             "type": "text",
@@ -130,9 +155,9 @@ def chat_messages(query: JudgeQuery, swapped: bool, chain_of_thought: bool = Fal
     ):
         content += [
             {"type": "text", "text": f"Example {i}. Caption: {caption}. Image 1:"},
-            _image_part(first),
+            part(first),
             {"type": "text", "text": "Image 2:"},
-            _image_part(second),
+            part(second),
             {"type": "text", "text": f"They preferred image {choice + 1}."},
         ]
     if chain_of_thought:
@@ -144,9 +169,9 @@ def chat_messages(query: JudgeQuery, swapped: bool, chain_of_thought: bool = Fal
     first, second = (query.image_b, query.image_a) if swapped else (query.image_a, query.image_b)
     content += [
         {"type": "text", "text": f"New caption: {query.caption}. Image 1:"},
-        _image_part(first),
+        part(first),
         {"type": "text", "text": "Image 2:"},
-        _image_part(second),
+        part(second),
     ]
     if chain_of_thought:
         content.append({"type": "text", "text": "Which new image would this person prefer? " + FINAL_LINE})
@@ -166,12 +191,14 @@ def openai_judge(
     chain_of_thought: bool = False,
     max_retries: int = 2,
     extra_body: Mapping[str, Any] | None = None,
+    max_image_side: int | None = None,
 ) -> Callable[[JudgeQuery, bool], Verdict]:
     """A judge backed by an OpenAI-compatible chat endpoint (the `openai` client: retries, timeouts).
 
     Defaults are a greedy, short answer; the evaluation's judge (`make_judge`) runs B.3's protocol instead:
     chain of thought, temperature 1.0, top-p 1.0, verdict parsed from the final 'Preference: N' line. `extra_body`
-    adds request fields, e.g. vLLM's `{"structured_outputs": {"choice": ["1", "2"]}}` for a bare answer.
+    adds request fields, e.g. vLLM's `{"structured_outputs": {"choice": ["1", "2"]}}` for a bare answer;
+    `max_image_side` shrinks the images before they are sent.
     """
     from openai import OpenAI
 
@@ -184,7 +211,7 @@ def openai_judge(
     def ask(query: JudgeQuery, swapped: bool) -> Verdict:
         response = client.chat.completions.create(
             model=model,
-            messages=chat_messages(query, swapped, chain_of_thought),
+            messages=chat_messages(query, swapped, chain_of_thought, max_image_side),
             temperature=temperature,
             top_p=top_p,
             max_tokens=max_tokens,

@@ -163,6 +163,7 @@ def make_judge(cfg: PPDConfig, world: Path | None) -> Judge:
         temperature=settings.judge_temperature,
         top_p=settings.judge_top_p,
         chain_of_thought=settings.judge_chain_of_thought,
+        max_image_side=settings.judge_max_image_side,
     )
     return Judge(f"openai:{settings.judge_model}", ask)
 

@@ -89,15 +89,28 @@ def _text_root(cfg: ModelConfig) -> str:
 def load_stage_c(cfg: ModelConfig, device: torch.device | str = "cpu") -> StableCascadeUNet:
     """The frozen Stage C prior named by `cfg` (tiny ones are built into the cache first)."""
     root, subfolder = _prior_location(cfg)
-    unet = StableCascadeUNet.from_pretrained(root, subfolder=subfolder, torch_dtype=_DTYPES[cfg.dtype])
+    unet = StableCascadeUNet.from_pretrained(root, subfolder=subfolder, **_weights_options(cfg))
     return unet.to(device).eval().requires_grad_(False)
+
+
+def _weights_options(cfg: ModelConfig) -> dict:
+    # Safetensors only (never a pickle), read straight into the model's dtype; the bf16 variant files where the
+    # config names them (the Stable Cascade repositories ship *.bf16.safetensors beside the fp32 ones).
+    return {"torch_dtype": _DTYPES[cfg.dtype], "variant": cfg.weights_variant, "use_safetensors": True}
 
 
 def load_caption_encoder(cfg: ModelConfig, device: torch.device | str = "cpu") -> CaptionEncoder:
     """CLIP tokenizer + text encoder matching the Stage C of `cfg`."""
     root = _text_root(cfg)
     tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")
-    text_encoder = CLIPTextModelWithProjection.from_pretrained(root, subfolder="text_encoder", dtype=_DTYPES[cfg.dtype])
+    options = _weights_options(cfg)
+    text_encoder = CLIPTextModelWithProjection.from_pretrained(
+        root,
+        subfolder="text_encoder",
+        dtype=options["torch_dtype"],
+        variant=options["variant"],
+        use_safetensors=True,
+    )
     return CaptionEncoder(tokenizer, text_encoder.to(device))
 
 
@@ -106,18 +119,27 @@ def load_stage_ba_decoder(
     latent_dim_scale: float = STAGE_C_TO_STAGE_B_SCALE,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    variant: str | None = None,
+    steps: int = 10,
 ) -> StageBADecoder:
-    """Stage B (`decoder/`) + Stage A (`vqgan/`) from a Stable Cascade decoder directory or hub id."""
-    stage_b = StableCascadeUNet.from_pretrained(str(root), subfolder="decoder", torch_dtype=dtype)
-    stage_a = PaellaVQModel.from_pretrained(str(root), subfolder="vqgan", torch_dtype=dtype)
-    return StageBADecoder(stage_b.to(device), stage_a.to(device), latent_dim_scale=latent_dim_scale)
+    """Stage B (`decoder/`) + Stage A (`vqgan/`) from a Stable Cascade decoder directory or hub id (safetensors only)."""
+    options = {"torch_dtype": dtype, "variant": variant, "use_safetensors": True}
+    stage_b = StableCascadeUNet.from_pretrained(str(root), subfolder="decoder", **options)
+    stage_a = PaellaVQModel.from_pretrained(str(root), subfolder="vqgan", **options)
+    return StageBADecoder(stage_b.to(device), stage_a.to(device), latent_dim_scale=latent_dim_scale, steps=steps)
 
 
 def load_decoder(cfg: ModelConfig, device: torch.device | str = "cpu") -> ToyCodec | StageBADecoder:
     """How `cfg`'s Stage C latents become pixels: the toy codec (tiny) or Stage B + Stage A (real)."""
     if cfg.architecture == "tiny":
         return ToyCodec(TOY_CODEC_FACTOR)
-    return load_stage_ba_decoder(cfg.decoder_path or DEFAULT_DECODER_PATH, dtype=_DTYPES[cfg.dtype], device=device)
+    return load_stage_ba_decoder(
+        cfg.decoder_path or DEFAULT_DECODER_PATH,
+        dtype=_DTYPES[cfg.dtype],
+        device=device,
+        variant=cfg.weights_variant,
+        steps=cfg.decoder_steps,
+    )
 
 
 def load_tiny_stage_ba_decoder(cache_dir: str | Path, device: torch.device | str = "cpu") -> StageBADecoder:

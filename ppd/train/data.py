@@ -21,7 +21,7 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -38,7 +38,8 @@ EMBEDDINGS_INDEX = "user_embeddings.parquet"
 FORMAT = "ppd-precomputed"
 FORMAT_VERSION = 1
 
-# Columns of a precomputed pair row. Latents are flattened float32 (fixed-size lists); shapes are in the manifest.
+# Columns of a precomputed pair row. Latents are flattened (fixed-size lists) in the manifest's `latent_dtype`:
+# float32, or bfloat16 held as its raw 16 bits (uint16: parquet has no bfloat16); shapes are in the manifest.
 PAIR_COLUMNS = (
     "pair_id",
     "user_id",
@@ -216,6 +217,9 @@ class PrecomputedManifest(BaseModel):
     architecture: str = Field(description="Stage C architecture whose latents and text encoder were used")
     text_encoder: str = Field(description="where the caption encoder came from (path, hub id, or 'tiny')")
     latent_shape: tuple[int, int, int] = Field(description="[C, H, W] of every latent")
+    latent_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="how latents are stored: float32, or bfloat16 bits in uint16 lists (half the bytes)"
+    )
     text_shape: tuple[int, int] = Field(description="[S, C_t] of the caption hidden states")
     pooled_dim: int
     embedding_shape: tuple[int, int] = Field(description="[L, d] of every user embedding")
@@ -280,8 +284,8 @@ class PrecomputedInputs:
         caption_index = _column_numpy(rows, "caption_index")  # [B]
         embedding_index = _column_numpy(rows, "embedding_index")  # [B]
         batch = {
-            "latents_win": _latents(rows, "latents_win", latent_shape),
-            "latents_lose": _latents(rows, "latents_lose", latent_shape),
+            "latents_win": _latents(rows, "latents_win", latent_shape, self.manifest.latent_dtype),
+            "latents_lose": _latents(rows, "latents_lose", latent_shape, self.manifest.latent_dtype),
             "clip_text_hidden": self.captions.rows("clip_text_hidden", caption_index),
             "clip_text_pooled": self.captions.rows("clip_text_pooled", caption_index),
             "user_embedding": self.user_embeddings.rows("user_embedding", embedding_index),
@@ -296,7 +300,17 @@ def _column_numpy(rows: pa.Table | Mapping[str, Any], name: str) -> np.ndarray:
     return np.asarray(column)
 
 
-def _latents(rows: pa.Table | Mapping[str, Any], name: str, shape: tuple[int, ...]) -> torch.Tensor:
+def latent_column(latents: torch.Tensor, width: int, dtype: str) -> pa.Array:
+    """Latents [K, C, H, W] (K may be 0) -> K fixed-size lists of `width` = C*H*W values in the stored `dtype`."""
+    latents = latents.detach().cpu().reshape(-1)
+    if dtype == "bfloat16":  # the raw bits: parquet has no bfloat16
+        flat = pa.array(latents.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16), pa.uint16())
+    else:
+        flat = pa.array(latents.float().numpy(), pa.float32())
+    return pa.FixedSizeListArray.from_arrays(flat, width)
+
+
+def _latents(rows: pa.Table | Mapping[str, Any], name: str, shape: tuple[int, ...], dtype: str) -> torch.Tensor:
     column = rows.column(name) if isinstance(rows, pa.Table) else rows[name]
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
@@ -305,10 +319,14 @@ def _latents(rows: pa.Table | Mapping[str, Any], name: str, shape: tuple[int, ..
     else:  # numpy: a 2-D array, or an object array of 1-D arrays (Ray Data's numpy batches)
         column = np.asarray(column)
         values = np.stack(list(column)) if column.dtype == np.dtype(object) else column
-    values = np.asarray(values, dtype=np.float32)
     if values.size != int(np.prod(shape)):
         raise PrecomputedError(f"{name}: {values.size} values do not make latents of shape {list(shape)}")
-    return torch.from_numpy(values.reshape(shape).copy())  # [B, C, H, W]
+    if dtype == "bfloat16":
+        if np.asarray(values).dtype != np.uint16:
+            raise PrecomputedError(f"{name}: bfloat16 latents must be stored as uint16 bits, found {values.dtype}")
+        bits = torch.from_numpy(np.asarray(values).view(np.int16).reshape(shape).copy())
+        return bits.view(torch.bfloat16).float()  # [B, C, H, W]
+    return torch.from_numpy(np.asarray(values, dtype=np.float32).reshape(shape).copy())  # [B, C, H, W]
 
 
 # --- schedule: micro-batches, optimiser steps, and where a resumed run picks up ------------------------------------

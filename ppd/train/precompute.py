@@ -3,8 +3,8 @@
 Training never decodes an image or runs an encoder: everything a step needs is computed here once.
 
 - Latents: PNG/JPEG bytes are decoded to [-1, 1] RGB and encoded by a `LatentEncoder` (the lossless toy codec for
-  the tiny architecture; the hook for Stable Cascade's EfficientNet encoder on real data), ordered winner / loser
-  by the pair's `preferred`.
+  the tiny architecture; Stable Cascade's EfficientNet encoder, `ppd.models.effnet`, for the real ones), ordered
+  winner / loser by the pair's `preferred`.
 - Captions: every distinct caption is encoded once into a caption table; pairs keep an index into it.
 - User embeddings: a pair is conditioned on its `condition_group_id` (a few-shot group of the same user that does not
   contain the pair, chosen by the preparation job). Pairs without such a group, or whose group has no embedding,
@@ -25,7 +25,10 @@ from PIL import Image
 
 from ppd.config import ModelConfig
 from ppd.models.codec import ToyCodec
+from ppd.models.effnet import EFFNET_DOWNSAMPLING
 from ppd.models.stage_c import TOY_CODEC_FACTOR
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 # Why a prepared pair is not in the precomputed training set (counted per split in the manifest).
 SKIP_REASONS: tuple[str, ...] = ("no_condition_group", "no_embedding", "undecodable_image")
@@ -51,21 +54,24 @@ class ToyLatentEncoder:
         return ToyCodec(TOY_CODEC_FACTOR).encode(images)  # [B, 3f², H/f, W/f]
 
 
-def load_latent_encoder(cfg: ModelConfig) -> LatentEncoder:
-    """The image encoder whose latents Stage C of `cfg` was trained on."""
+def load_latent_encoder(cfg: ModelConfig, device: torch.device | str | None = None) -> LatentEncoder:
+    """The image encoder whose latents Stage C of `cfg` was trained on (real ones on `device`: default a GPU if any)."""
     if cfg.architecture == "tiny":
         return ToyLatentEncoder(image_size=cfg.latent_size * TOY_CODEC_FACTOR)
-    # Real Stable Cascade: Stage C latents are the 16-channel features of its EfficientNetV2-S encoder ("effnet",
-    # 768 px input -> 16 x 24 x 24), which ships with Stability's training code, not with diffusers. Plug it in here
-    # as a LatentEncoder (image_size=768, resize=True, ImageNet normalisation inside `encode`).
-    raise NotImplementedError(
-        f"latents for architecture {cfg.architecture!r} need Stable Cascade's EfficientNet image encoder, which is "
-        "not bundled; implement a LatentEncoder in ppd/train/precompute.py (load_latent_encoder)"
-    )
+    # Real Stable Cascade: the 16-channel features of its EfficientNetV2-S encoder (768 px -> 16 x 24 x 24), from
+    # `effnet_encoder.safetensors` of stabilityai/stable-cascade (or `cfg.effnet_path`), in the model's dtype.
+    from ppd.models.effnet import EffnetLatentEncoder, load_effnet_encoder
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    encoder = load_effnet_encoder(cfg.effnet_path, dtype=_DTYPES[cfg.dtype], device=device)
+    return EffnetLatentEncoder(encoder, image_size=cfg.latent_size * EFFNET_DOWNSAMPLING)
 
 
 def decode_image(data: bytes | None, image_size: int, resize: bool) -> torch.Tensor | None:
-    """PNG/JPEG bytes -> RGB [3, S, S] in [-1, 1] (S = image_size), or None when undecodable or of the wrong size."""
+    """PNG/JPEG bytes -> RGB [3, S, S] in [-1, 1] (S = image_size), or None when undecodable or of the wrong size.
+
+    With `resize`, the shorter side is brought to S (bilinear, antialiased) and the centre S x S is cut out, as
+    Stable Cascade's training transforms do; without it an image of another size is rejected."""
     try:
         with Image.open(io.BytesIO(data or b"")) as image:
             rgb = image.convert("RGB")
@@ -74,9 +80,19 @@ def decode_image(data: bytes | None, image_size: int, resize: bool) -> torch.Ten
     if rgb.size != (image_size, image_size):
         if not resize:
             return None
-        rgb = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC)
+        rgb = _resize_and_centre_crop(rgb, image_size)
     pixels = torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy())  # [S, S, 3]
     return pixels.permute(2, 0, 1).float() / 127.5 - 1  # [3, S, S]
+
+
+def _resize_and_centre_crop(image: Image.Image, side: int) -> Image.Image:
+    width, height = image.size
+    scale = side / min(width, height)
+    resized = image.resize(
+        (max(side, round(width * scale)), max(side, round(height * scale))), Image.Resampling.BILINEAR
+    )
+    left, top = (resized.width - side) // 2, (resized.height - side) // 2
+    return resized.crop((left, top, left + side, top + side))
 
 
 @dataclass(frozen=True)
@@ -102,7 +118,7 @@ def encode_pairs(
         return PairLatents(empty, empty, kept)
     first = torch.stack([image for image, keep in zip(images_0, kept, strict=True) if keep])  # [K, 3, S, S]
     second = torch.stack([image for image, keep in zip(images_1, kept, strict=True) if keep])  # [K, 3, S, S]
-    latents = encoder.encode(torch.cat([first, second])).float()  # [2K, C, h, w]
+    latents = encoder.encode(torch.cat([first, second])).float().cpu()  # [2K, C, h, w]
     latents_0, latents_1 = latents.chunk(2)
     prefers_1 = torch.from_numpy(choice == 1).view(-1, 1, 1, 1)  # [K, 1, 1, 1]
     return PairLatents(
@@ -127,20 +143,23 @@ class EmbeddingIndex:
 
 def plan_training_rows(
     pairs: pd.DataFrame,
-    embeddings: Mapping[tuple[int, int], np.ndarray],
+    embeddings: Mapping[tuple[int, int], np.ndarray | tuple[int, ...]],
     captions: Mapping[str, int],
     order_seed: int,
 ) -> tuple[pd.DataFrame, EmbeddingIndex, dict[str, dict[str, int]]]:
     """Join pairs (pair_id, split, user_id, caption, condition_group_id) to caption rows and group embeddings.
 
-    `embeddings` is {(user_id, group_id): [L, d]} (`ppd.embed.store.read_embeddings`). Returns the trainable pairs
+    `embeddings` is {(user_id, group_id): [L, d] array, or just its shape}: the plan needs the keys and shapes only
+    (`ppd.embed.store.read_embedding_catalog`, so the vectors can be streamed afterwards). Returns the trainable pairs
     with caption_index, embedding_index and a seeded random `order_key` (the training order within a split), the
     index of the embedding rows they use (one table for all splits), and {split: {reason: pairs left out}}.
     Raises ValueError on inconsistent inputs: a group's embedding stored under another user, embeddings of
     different shapes, a caption missing from `captions`.
     """
     owner_of_group = {group_id: user_id for user_id, group_id in embeddings}
-    shapes = {tuple(array.shape) for array in embeddings.values()}
+    shapes = {
+        tuple(np.shape(value)) if isinstance(value, np.ndarray) else tuple(value) for value in embeddings.values()
+    }
     if len(shapes) > 1:
         raise ValueError(f"user embeddings of different shapes {sorted(shapes)}: use one embedder's output")
     pairs = pairs.sort_values("pair_id").reset_index(drop=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import shlex
 from pathlib import Path
 from urllib.parse import urlparse
@@ -16,7 +17,9 @@ from ppd.config import PRESETS, load_config
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = REPO_ROOT / "cluster"
 JOBS = ("prepare", "embed", "precompute", "train", "evaluate")
-TRAINING_PRESETS = ("stage_c_lite_h100x8", "stage_c_h100x8")
+TRAINING_PRESETS = ("stage_c_lite_h100x8", "stage_c_h100x8", "stage_c_lite_h100x16", "stage_c_h100x16")
+# The cluster of cluster/ is 2 nodes x 8 H100: the presets its jobs name.
+CLUSTER_TRAINING_PRESETS = ("stage_c_lite_h100x16", "stage_c_h100x16")
 SHARED_MOUNT = "/mnt/shared"
 
 
@@ -118,6 +121,10 @@ def test_each_job_reads_what_the_previous_job_writes() -> None:
     assert outputs["precompute"]["--prepared"] == outputs["prepare"]["--out"]
     assert outputs["precompute"]["--embeddings"] == outputs["embed"]["--out"]
     assert outputs["train"]["--precomputed"] == outputs["precompute"]["--out"]
+    assert outputs["evaluate"]["--prepared"] == outputs["prepare"]["--out"]
+    assert outputs["evaluate"]["--embeddings"] == outputs["embed"]["--out"]
+    assert outputs["evaluate"]["--adapter"] == f"ppd={outputs['train']['--out']}/adapter"
+    assert "--world" not in outputs["evaluate"]  # real data: no hidden reward is read
     serve_cfg = load_config("serve_lite_h100")
     assert serve_cfg.serve.adapter_dir == f"{outputs['train']['--out']}/adapter"  # ray_jobs.train writes OUT/adapter
     assert serve_cfg.serve.example_pairs_dir == f"{outputs['prepare']['--out']}/validation"  # the page's examples
@@ -130,8 +137,23 @@ def test_training_resources_add_up_to_the_effective_batch(preset: str) -> None:
     # workers x GPUs per worker x micro-batch x accumulation = effective batch (768 pairs, paper).
     assert train.num_workers * 1 * train.micro_batch * train.grad_accumulation == train.effective_batch == 768
     # The paper's micro-batch on the lite model; the 3.6B halves it (and doubles accumulation) to fit 80 GB.
-    assert train.micro_batch == {"stage_c_lite_h100x8": 16, "stage_c_h100x8": 8}[preset]
+    assert train.micro_batch == (16 if preset.startswith("stage_c_lite") else 8)
+    assert train.num_workers == (16 if preset.endswith("x16") else 8)
+
+
+@pytest.mark.parametrize("preset", CLUSTER_TRAINING_PRESETS)
+def test_the_cluster_has_a_gpu_per_training_worker_and_whole_nodes(preset: str) -> None:
+    train = load_config(preset).train
+    for name in ("precompute", "train", "evaluate"):
+        assert shlex.split(_job(name)["spec"]["entrypoint"])[4] in CLUSTER_TRAINING_PRESETS, name
     workers = _one(CLUSTER / "raycluster.yaml", "RayCluster")["spec"]["workerGroupSpecs"]
+    for group in workers:  # one pod per 8-GPU machine: NVLink inside a pod, the RDMA fabric between pods
+        container = group["template"]["spec"]["containers"][0]
+        assert _gpus(container) == 8
+        assert int(container["resources"]["limits"]["vpc.amazonaws.com/efa"]) > 0
+        env = {item["name"] for item in container["env"]}
+        assert {"FI_PROVIDER", "NCCL_SOCKET_IFNAME"} <= env
+        assert "IPC_LOCK" in container["securityContext"]["capabilities"]["add"]
     kuberay_gpus = sum(group["maxReplicas"] * _gpus(group["template"]["spec"]["containers"][0]) for group in workers)
     assert kuberay_gpus == train.num_workers
     assert all(group["minReplicas"] == group["replicas"] == group["maxReplicas"] for group in workers)
@@ -145,7 +167,9 @@ def test_training_resources_add_up_to_the_effective_batch(preset: str) -> None:
 
 
 def test_embedding_job_fits_the_cluster() -> None:
-    embed = load_config("llava_ov7b_vllm_h100x8").embed
+    preset = shlex.split(_job("embed")["spec"]["entrypoint"])[4]
+    embed = load_config(preset).embed
+    assert embed.concurrency == 16  # one actor per GPU of the 2 x 8 cluster
     assert embed.embedder == "vlm-vllm" and "llava-onevision" in (embed.vlm_path or "")
     assert embed.dtype == "bfloat16" and embed.layers == "all"
     workers = _one(CLUSTER / "raycluster.yaml", "RayCluster")["spec"]["workerGroupSpecs"]
@@ -198,7 +222,7 @@ def test_jobs_find_mlflow_at_the_service_of_the_manifest() -> None:
     service = next(d for d in documents if d["kind"] == "Service" and d["metadata"]["name"] == "mlflow")
     host = f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc.cluster.local"
     port = service["spec"]["ports"][0]["port"]
-    for preset in (*TRAINING_PRESETS, "llava_ov7b_vllm_h100x8", "serve_lite_h100"):
+    for preset in (*TRAINING_PRESETS, "llava_ov7b_vllm_h100x8", "llava_ov7b_vllm_h100x16", "serve_lite_h100"):
         uri = urlparse(load_config(preset).tracking.uri)
         assert (uri.hostname, uri.port) == (host, port), preset
     deployment = next(d for d in documents if d["kind"] == "Deployment")
@@ -211,7 +235,7 @@ def test_jobs_find_mlflow_at_the_service_of_the_manifest() -> None:
 
 def test_one_image_and_the_shared_volume_on_every_ray_pod() -> None:
     images = set()
-    for path in ("raycluster.yaml", "rayservice.yaml", "mlflow.yaml"):
+    for path in ("raycluster.yaml", "rayservice.yaml", "mlflow.yaml", "judge.yaml"):
         for doc in _documents(CLUSTER / path):
             text = yaml.safe_dump(doc)
             images |= {line.split("image:")[1].strip() for line in text.splitlines() if "image:" in line}
@@ -227,3 +251,22 @@ def test_one_image_and_the_shared_volume_on_every_ray_pod() -> None:
             assert SHARED_MOUNT in mounts, source
             assert volumes[mounts[SHARED_MOUNT]]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
         assert cluster_spec["rayVersion"] == "2.60.0"
+
+
+def test_the_judge_server_serves_what_the_evaluation_asks() -> None:
+    from ppd.eval.judge_eval import JUDGE_CHAT_TEMPLATE
+
+    documents = _documents(CLUSTER / "judge.yaml")
+    template = next(d for d in documents if d["kind"] == "ConfigMap")["data"]["chat_template.jinja"]
+    assert template == JUDGE_CHAT_TEMPLATE  # the interleaved template, verbatim
+    service = next(d for d in documents if d["kind"] == "Service")
+    container = next(d for d in documents if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    flags = dict(arg.removeprefix("--").split("=", 1) for arg in container["args"] if "=" in arg)
+    evaluation = load_config(shlex.split(_job("evaluate")["spec"]["entrypoint"])[4])
+    eval_cfg = evaluation.eval
+    assert eval_cfg.judge == "openai" and flags["model"] == eval_cfg.judge_model
+    url = urlparse(eval_cfg.judge_base_url)
+    assert (url.hostname, url.port) == (f"{service['metadata']['name']}.ppd.svc.cluster.local", int(flags["port"]))
+    assert service["spec"]["ports"][0]["port"] == int(flags["port"])
+    assert json.loads(flags["limit-mm-per-prompt"])["image"] == 2 * evaluation.data.shots + 2
+    assert flags["chat-template"].startswith(container["volumeMounts"][1]["mountPath"])

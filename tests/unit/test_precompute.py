@@ -83,8 +83,9 @@ def test_latent_encoder_of_the_tiny_model_matches_its_latents_and_real_ones_say_
     tiny = load_latent_encoder(ModelConfig(architecture="tiny", latent_size=8))
     assert tiny.image_size == 16
     assert tiny.encode(torch.zeros(1, 3, 16, 16)).shape == (1, 12, 8, 8)
-    with pytest.raises(NotImplementedError, match="EfficientNet"):
-        load_latent_encoder(ModelConfig(architecture="stage_c_lite"))
+    # The real encoder's weights come from the hub (or model.effnet_path): offline, a one-line error saying what to set.
+    with pytest.raises(FileNotFoundError, match="model.effnet_path"):
+        load_latent_encoder(ModelConfig(architecture="stage_c_lite"), device="cpu")
 
 
 # --- the join ------------------------------------------------------------------------------------------------------
