@@ -19,7 +19,7 @@ through each job's code path, in the preset's dtype:
     serve       the Serve generator's code path (Stage C + adapter checkpoint + Stage B + Stage A) -> PNGs
     evaluate    every configured image reward on those images
 
-What is reduced is printed with each line. The Serve step is passed in by the caller (`serve/` imports Ray, which
+What is reduced is printed with each line. The Serve step is passed in by the caller (`ppd_ray/serving/` imports Ray, which
 `ppd` never does); without it the evaluation generator (`VariantGenerator`) stands in.
 """
 

@@ -324,7 +324,7 @@ class DeploymentSpec(_Section):
 class ServeConfig(_Section):
     """Ray Serve application: Ingress (HTTP) -> Embedder -> Generator, plus the single-replica user store.
 
-    The HTTP bind address is Serve's (`http_options` in serve/config.yaml); the ingress reads it at start-up to
+    The HTTP bind address is Serve's (`http_options` in ppd_ray/serving/config.yaml); the ingress reads it at start-up to
     decide whether auth is on (`auth: auto`).
     """
 

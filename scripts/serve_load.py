@@ -359,8 +359,8 @@ def deploy(cfg, port: int) -> str:
     import ray
     from ray import serve
 
-    from ray_jobs.ray_auth import use_private_token
-    from serve.app import compose
+    from ppd_ray.infra.ray_auth import use_private_token
+    from ppd_ray.serving.app import compose
 
     if not ray.is_initialized():
         use_private_token()  # a local Ray of our own: its own token, nothing read from or written to $HOME

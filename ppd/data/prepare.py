@@ -1,6 +1,6 @@
 """Preparation of preference pairs: row checks, splits and leakage-free few-shot groups (pure; no Ray).
 
-The Ray job (`ray_jobs/prepare.py`) streams shards through `scan_shard` and `annotate_shard`; the global decisions
+The Ray job (`ppd_ray/jobs/prepare.py`) streams shards through `scan_shard` and `annotate_shard`; the global decisions
 (which user/caption goes where, which pairs form groups) are made once by `plan_preparation` on a small metadata
 table (one row per pair, no images).
 

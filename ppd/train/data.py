@@ -1,6 +1,6 @@
 """Precomputed training inputs: the on-disk layout, its lookup tables, and rows -> `training_step` batches.
 
-The precompute job (`ray_jobs/precompute.py`) writes, under one directory D:
+The precompute job (`ppd_ray/jobs/precompute.py`) writes, under one directory D:
 
     D/manifest.json                   PrecomputedManifest: shapes, row counts, file order, provenance
     D/<split>/part-*.parquet          one row per trainable pair, in a seeded random order (PAIR_COLUMNS)

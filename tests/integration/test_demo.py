@@ -29,7 +29,7 @@ def test_smoke_demo_runs_every_stage_and_writes_results(tmp_path):
         [
             sys.executable,
             "-m",
-            "ray_jobs.cli",
+            "ppd_ray.cli.main",
             "demo",
             "--preset",
             "smoke",

@@ -9,8 +9,8 @@ import torch
 from ppd.config import ATTRIBUTES
 from ppd.models.checkpoint import save_adapter
 from ppd.models.factory import build_personalized_stage_c
-from ray_jobs.evaluate import run
-from ray_jobs.prepare import run as prepare
+from ppd_ray.jobs.evaluate import run
+from ppd_ray.jobs.prepare import run as prepare
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def test_validate_scores_adapters_on_validation_captions_only(
     ray_local, toy_world, one_reward_prepared, smoke_config, tmp_path
 ):
     from ppd.eval.evaluate import read_split
-    from ray_jobs.validate import run as validate
+    from ppd_ray.jobs.validate import run as validate
 
     cfg = smoke_config.with_overrides(["eval.captions=2", "eval.seeds_per_caption=1", "eval.inference_steps=3"])
     adapters = {

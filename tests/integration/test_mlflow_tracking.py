@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from ppd.models.checkpoint import read_adapter_checkpoint
 from ppd.train.data import PrecomputedManifest
-from ray_jobs.cli import app
+from ppd_ray.cli.main import app
 from tests.integration.test_train_inputs import (
     BASELINE_OVERRIDES,
     baseline_config,

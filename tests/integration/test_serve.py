@@ -19,7 +19,7 @@ from PIL import Image
 from ppd.config import load_config
 from ppd.models.factory import latent_shape
 from ppd.models.stage_c import TOY_CODEC_FACTOR
-from serve.ingress import auth_token
+from ppd_ray.serving.ingress import auth_token
 
 ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("serve_load", ROOT / "scripts" / "serve_load.py")
@@ -55,7 +55,7 @@ def _free_port() -> int:
 def _deploy(cfg, runtime_env: dict | None = None) -> None:
     from ray import serve
 
-    from serve.app import compose
+    from ppd_ray.serving.app import compose
 
     serve.run(compose(cfg, runtime_env), name=serve_load.APP_NAME, route_prefix="/")
 

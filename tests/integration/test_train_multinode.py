@@ -13,7 +13,7 @@ import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
-from ray_jobs.submit import local_head, submit_job, wait_for_job
+from ppd_ray.infra.local_cluster import local_head, submit_job, wait_for_job
 from tests.integration.test_train_inputs import BASELINE_OVERRIDES
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -41,7 +41,7 @@ def test_losing_a_worker_node_resumes_from_the_checkpoint_and_ends_like_an_unint
         f"tracking.uri={tracking}",
         f"model.cache_dir={Path(smoke_config.model.cache_dir).resolve()}",
     ]
-    entrypoint = [sys.executable, "-m", "ray_jobs.train", "--preset", "smoke"]
+    entrypoint = [sys.executable, "-m", "ppd_ray.jobs.train", "--preset", "smoke"]
     entrypoint += ["--precomputed", str(inputs.precomputed), "--out", str(out)]
     entrypoint += [part for override in overrides for part in ("--set", override)]
 

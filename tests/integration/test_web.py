@@ -92,7 +92,7 @@ def server(tmp_path_factory):
     examples = work / "examples" / "validation"  # written later by the prepare job (see the module docstring)
     port = _free_port()
     command = [
-        sys.executable, "-m", "ray_jobs.cli", "serve", "--port", str(port),
+        sys.executable, "-m", "ppd_ray.cli.main", "serve", "--port", str(port),
         "--set", f"serve.adapter_dir={adapter}",
         "--set", f"serve.example_pairs_dir={examples}",
         "--set", "serve.auth=on",
@@ -311,7 +311,7 @@ def test_example_pairs_render_and_a_click_marks_the_choice(
 ):
     page, *_ = session
     _, examples, _ = server
-    from ray_jobs.prepare import run as prepare
+    from ppd_ray.jobs.prepare import run as prepare
 
     prepare(smoke_config, toy_world / "pairs" / "population", examples.parent)  # the real job writes the split
     page.click("#other-examples")

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from ppd.check_real import anyres_tokens_per_image
 from ppd.config import cluster_presets
-from ray_jobs.cli import app
+from ppd_ray.cli.main import app
 
 runner = CliRunner()
 

@@ -25,7 +25,7 @@ def test_object_diagnostics_tells_drawn_objects_from_flat_images() -> None:
 
 
 def test_classifier_summary_reads_k16_or_the_largest_k() -> None:
-    from ray_jobs.evaluate import classifier_summary
+    from ppd_ray.jobs.evaluate import classifier_summary
 
     full = {
         "n_users": 30,
@@ -39,7 +39,7 @@ def test_classifier_summary_reads_k16_or_the_largest_k() -> None:
 
 
 def test_train_users_filter_keeps_only_their_pairs(tmp_path) -> None:
-    from ray_jobs.train import _keep_users, _rows_of_users
+    from ppd_ray.jobs.train import _keep_users, _rows_of_users
 
     table = pa.table({"pair_id": [1, 2, 3, 4, 5], "user_id": pa.array([100, 101, 100, 102, 101], pa.int64())})
     path = tmp_path / "part-0.parquet"

@@ -14,7 +14,7 @@ from ppd.models.factory import build_meta_personalized_stage_c, latent_shape, pa
 from ppd.models.plan import H100, measure_training_step, plan_training, zero_memory_per_gpu
 from ppd.models.stage_c import attention_blocks
 from ppd.models.text import CLIP_MAX_LENGTH
-from ray_jobs.cli import app
+from ppd_ray.cli.main import app
 
 TINY_EMBEDDING = (4, 64)
 

@@ -7,8 +7,8 @@ import json
 import shlex
 
 from ppd.config import smoke
-from ray_jobs.demo import BETA_CHOICE, RESULTS_DIR, plan_demo, read_beta_choice
-from ray_jobs.sweep import choose, variant_name
+from ppd_ray.pipelines.demo import BETA_CHOICE, RESULTS_DIR, plan_demo, read_beta_choice
+from ppd_ray.pipelines.sweep import choose, variant_name
 
 
 def test_the_best_validation_score_wins_and_ties_go_to_the_larger_beta():

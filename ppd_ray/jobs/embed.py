@@ -1,7 +1,7 @@
 """Ray job: few-shot groups (PREP/groups) -> user embeddings [L, d] + profiles, one parquet row per group.
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-        python -m ray_jobs.embed --prepared prepared/population --out embeddings/population --embedder vlm-hf
+        python -m ppd_ray.jobs.embed --prepared prepared/population --out embeddings/population --embedder vlm-hf
 
 Ray Data streams the groups through a pool of actors (`ActorPoolStrategy(size=embed.concurrency)`, each with
 `embed.gpus_per_actor` GPUs) that load the embedder once; every batch of `embed.batch_size` groups is written by its
@@ -25,7 +25,7 @@ from ppd.embed import embedding_identity, load_embedder
 from ppd.embed.base import EmbeddingIdentity
 from ppd.embed.groups import GROUP_COLUMNS, groups_from_rows
 from ppd.embed.store import done_group_ids, write_part
-from ray_jobs.common import JobError, config_from_args, init_ray, job_arg_parser, log
+from ppd_ray.jobs.common import JobError, config_from_args, init_ray, job_arg_parser, log
 
 EMBEDDERS = ("vlm-hf", "vlm-vllm", "pairdiff", "onehot")
 

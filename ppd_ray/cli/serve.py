@@ -1,4 +1,4 @@
-"""`ppd serve`: run the Serve application of serve/config.yaml (what `serve run serve/config.yaml` runs), with overrides.
+"""`ppd serve`: run the Serve application of ppd_ray/serving/config.yaml (what `serve run ppd_ray/serving/config.yaml` runs), with overrides.
 
 The Serve config file stays the one source: its `http_options` (bind address), its application's `import_path`
 and `args`; `--set` adds PPD config overrides to `args.overrides`, `--host/--port` replace the bind address.
@@ -14,7 +14,7 @@ import yaml
 
 from ppd.config import ConfigError
 
-DEFAULT_SERVE_CONFIG = Path("serve/config.yaml")
+DEFAULT_SERVE_CONFIG = Path("ppd_ray/serving/config.yaml")
 
 
 def serve_command(
@@ -30,15 +30,15 @@ def serve_command(
     """Serve the PPD app over HTTP: the web page at /, the API (POST /v1/users, /v1/generate, ...; OpenAPI at /docs)."""
     from ray.serve.schema import ServeDeploySchema
 
-    from serve.app import AppArgs
-    from serve.generator import resolve_adapter
+    from ppd_ray.serving.app import AppArgs
+    from ppd_ray.serving.generator import resolve_adapter
 
     try:
         schema = ServeDeploySchema.model_validate(yaml.safe_load(config.read_text()))
     except (OSError, ValueError) as err:
         _fail(f"{config}: not a Serve config: {err}")
-    if len(schema.applications) != 1 or schema.applications[0].import_path != "serve.app:build_app":
-        _fail(f"{config}: expected one application with import_path serve.app:build_app")
+    if len(schema.applications) != 1 or schema.applications[0].import_path != "ppd_ray.serving.app:build_app":
+        _fail(f"{config}: expected one application with import_path ppd_ray.serving.app:build_app")
     application = schema.applications[0]
     if application.deployments:
         _fail(f"{config}: set replicas and resources with serve.* overrides in args, not under deployments:")
@@ -60,9 +60,9 @@ def serve_command(
 
     from ray import serve
 
-    from ray_jobs.common import JobError
-    from ray_jobs.ray_auth import start_or_connect
-    from serve.app import build_app
+    from ppd_ray.infra.ray_auth import start_or_connect
+    from ppd_ray.jobs.common import JobError
+    from ppd_ray.serving.app import build_app
 
     try:
         start_or_connect(namespace="serve")  # RAY_ADDRESS with your token, else a local Ray with a private one

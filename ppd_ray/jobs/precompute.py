@@ -1,7 +1,7 @@
 """Ray job: prepared pairs + user embeddings -> precomputed training inputs (latents, caption and embedding tables).
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-        python -m ray_jobs.precompute --prepared /abs/prepared/population --embeddings /abs/embeddings \
+        python -m ppd_ray.jobs.precompute --prepared /abs/prepared/population --embeddings /abs/embeddings \
         --out /abs/precomputed/population
 
 The join (pair -> caption row, pair -> embedding of its condition group) is planned on the driver from small tables:
@@ -47,7 +47,7 @@ from ppd.train.precompute import (
     load_latent_encoder,
     plan_training_rows,
 )
-from ray_jobs.common import JobError, config_from_args, init_ray, job_arg_parser, log
+from ppd_ray.jobs.common import JobError, config_from_args, init_ray, job_arg_parser, log
 
 DEFAULT_SPLITS = ("train",)  # what training reads; add validation etc. for held-out losses
 _META_COLUMNS = ["pair_id", "user_id", "caption", "condition_group_id"]

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ppd.config import PPDConfig
-from ray_jobs.common import log
-from ray_jobs.demo import (
+from ppd_ray.jobs.common import log
+from ppd_ray.pipelines.demo import (
     BASE_MODEL_DIR,
     BETA_CHOICE,
     ONE_REWARD,
@@ -50,8 +50,8 @@ def run_beta_sweep(
     generate_world: Callable[[PPDConfig, Path, int], object],
 ) -> dict:
     """Train every (method, β), score each on validation, choose; returns the record written to beta_sweep.json."""
-    from ray_jobs.submit import local_head
-    from ray_jobs.tracking import close_run, log_metrics, open_run, tracking_uri
+    from ppd_ray.infra.local_cluster import local_head
+    from ppd_ray.tracking import close_run, log_metrics, open_run, tracking_uri
 
     began = time.monotonic()
     workdir = workdir.resolve()
@@ -102,7 +102,7 @@ def run_beta_sweep(
             scoring.add(
                 "score every adapter on the validation split",
                 None,
-                "ray_jobs.validate",
+                "ppd_ray.jobs.validate",
                 "--world",
                 world,
                 "--prepared",

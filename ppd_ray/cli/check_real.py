@@ -1,6 +1,6 @@
 """`ppd check-real`: every job of a cluster preset on the real checkpoints' layouts, checked on this machine's CPU.
 
-The checks are `ppd.check_real`; this command picks the presets, hands in Serve's generator (`serve/` imports Ray,
+The checks are `ppd.check_real`; this command picks the presets, hands in Serve's generator (`ppd_ray/serving/` imports Ray,
 so `ppd` cannot) and prints one line per check. Exit status 2 when any check fails.
 """
 
@@ -16,12 +16,12 @@ from typing import Annotated
 import typer
 
 from ppd.config import ConfigError, PPDConfig, cluster_presets, load_config
-from ray_jobs.common import log
+from ppd_ray.jobs.common import log
 
 
 def serve_generate(cfg: PPDConfig, jobs: Sequence[dict]) -> list[list[bytes]]:
     """The Serve Generator deployment's own code (model loading, batching of users and the base), outside Serve."""
-    from serve.generator import GenerationJob, ImageGenerator
+    from ppd_ray.serving.generator import GenerationJob, ImageGenerator
 
     generator = ImageGenerator(cfg.to_dict())
     return generator._generate_jobs([GenerationJob(**job) for job in jobs])

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ray_jobs.common import JobError, log
+from ppd_ray.jobs.common import JobError, log
 
 
 def _free_port() -> int:

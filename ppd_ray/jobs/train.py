@@ -1,7 +1,7 @@
 """Ray job: fine-tune the user adapter (PPD, Diffusion-DPO or SFT) with Ray Train + DeepSpeed, tracked in MLflow.
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-        python -m ray_jobs.train --precomputed /abs/precomputed --out /abs/runs/ppd --set train.method=ppd
+        python -m ppd_ray.jobs.train --precomputed /abs/precomputed --out /abs/runs/ppd --set train.method=ppd
 
 Driver (this process): checks the inputs, opens the MLflow run, runs a `TorchTrainer` and closes the run as
 FINISHED / FAILED / KILLED whatever happens to the workers; copies the final adapter to OUT/adapter/.
@@ -31,9 +31,9 @@ import torch
 
 from ppd.config import PPDConfig, TrainConfig
 from ppd.train.data import PrecomputedError, PrecomputedInputs, PrecomputedManifest, TrainingSchedule
-from ray_jobs.common import JobError, config_from_args, init_ray, job_arg_parser, log
-from ray_jobs.precompute import resolved_model_config
-from ray_jobs.tracking import RunLogger, close_run, open_run, tracking_uri
+from ppd_ray.jobs.common import JobError, config_from_args, init_ray, job_arg_parser, log
+from ppd_ray.jobs.precompute import resolved_model_config
+from ppd_ray.tracking import RunLogger, close_run, open_run, tracking_uri
 
 TRAIN_STATE_FILE = "train_state.json"
 ADAPTER_DIR = "adapter"

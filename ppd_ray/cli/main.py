@@ -1,6 +1,6 @@
 """The `ppd` command line: one entry point for the toy world, the jobs and the demo.
 
-Pure commands (toy, config, model) call `ppd` directly; job commands run the same code as `python -m ray_jobs.<job>`
+Pure commands (toy, config, model) call `ppd` directly; job commands run the same code as `python -m ppd_ray.jobs.<job>`
 (what `ray job submit` runs) on a local Ray, or on the cluster named by RAY_ADDRESS.
 """
 
@@ -13,11 +13,11 @@ from typing import Annotated
 import typer
 
 from ppd.config import ATTRIBUTES, PRESETS, ConfigError, PPDConfig, load_config
-from ray_jobs.cli_check import check_real_command
-from ray_jobs.cli_embed import embed_app
-from ray_jobs.cli_model import model_app
-from ray_jobs.cli_serve import serve_command
-from ray_jobs.common import JobError, log
+from ppd_ray.cli.check_real import check_real_command
+from ppd_ray.cli.embed import embed_app
+from ppd_ray.cli.model import model_app
+from ppd_ray.cli.serve import serve_command
+from ppd_ray.jobs.common import JobError, log
 
 app = typer.Typer(
     help="PPD on Ray: personalised preference fine-tuning of diffusion models.",
@@ -185,14 +185,14 @@ def prepare(
     preset: PresetOption = "tiny_cpu",
     overrides: OverrideOption = None,
 ) -> None:
-    """Filter, split and group preference pairs with Ray Data (same code as `python -m ray_jobs.prepare`)."""
+    """Filter, split and group preference pairs with Ray Data (same code as `python -m ppd_ray.jobs.prepare`)."""
     extra = [f"data.shots={shots}"] * (shots is not None) + [f"data.seed={seed}"] * (seed is not None)
     cfg = _config(preset, overrides, extra)
     run_prepare(cfg, input, out)
 
 
 def run_prepare(cfg: PPDConfig, input: Path, out: Path) -> dict:
-    from ray_jobs.prepare import format_accounting, run
+    from ppd_ray.jobs.prepare import format_accounting, run
 
     try:
         report = run(cfg, input, out)
@@ -212,12 +212,12 @@ def precompute(
     preset: PresetOption = "tiny_cpu",
     overrides: OverrideOption = None,
 ) -> None:
-    """Latents, caption states and user embeddings for training, once (same code as `python -m ray_jobs.precompute`)."""
+    """Latents, caption states and user embeddings for training, once (same code as `python -m ppd_ray.jobs.precompute`)."""
     run_precompute(_config(preset, overrides), prepared, embeddings, out, tuple(splits.split(",")))
 
 
 def run_precompute(cfg: PPDConfig, prepared: Path, embeddings: Path, out: Path, splits: tuple[str, ...]):
-    from ray_jobs.precompute import format_manifest, run
+    from ppd_ray.jobs.precompute import format_manifest, run
 
     try:
         manifest = run(cfg, prepared, embeddings, out, splits)
@@ -238,13 +238,13 @@ def train(
     preset: PresetOption = "tiny_cpu",
     overrides: OverrideOption = None,
 ) -> None:
-    """Fine-tune the user adapter with Ray Train + DeepSpeed (same code as `python -m ray_jobs.train`)."""
+    """Fine-tune the user adapter with Ray Train + DeepSpeed (same code as `python -m ppd_ray.jobs.train`)."""
     cfg = _config(preset, overrides, [f"train.method={method}"] * (method is not None))
     run_train(cfg, precomputed, out, tracking_uri)
 
 
 def run_train(cfg: PPDConfig, precomputed: Path, out: Path, tracking_uri: str | None = None):
-    from ray_jobs.train import TrainingFailed, run
+    from ppd_ray.jobs.train import TrainingFailed, run
 
     try:
         result = run(cfg, precomputed, out, tracking_uri)
@@ -269,7 +269,7 @@ def runs_compare(
     overrides: OverrideOption = None,
 ) -> None:
     """Print an experiment's runs side by side: params that differ, final metrics."""
-    from ray_jobs.tracking import compare_runs, tracking_uri
+    from ppd_ray.tracking import compare_runs, tracking_uri
 
     cfg = _config(preset, overrides)
     uri = uri or cfg.tracking.uri
@@ -298,8 +298,8 @@ def evaluate(
     preset: PresetOption = "tiny_cpu",
     overrides: OverrideOption = None,
 ) -> None:
-    """Generate, score and compare every model variant (same code as `python -m ray_jobs.evaluate`)."""
-    from ray_jobs.evaluate import main as evaluate_main
+    """Generate, score and compare every model variant (same code as `python -m ppd_ray.jobs.evaluate`)."""
+    from ppd_ray.jobs.evaluate import main as evaluate_main
 
     argv = ["--preset", preset, "--world", str(world), "--adapters", str(adapters), "--out", str(out)]
     for item in overrides or []:
@@ -344,7 +344,7 @@ def demo(
     -> evaluate, each submitted as a Ray job to a local head; writes results/seed<S>.json and RESULTS.md (every
     seed's results side by side) into --out, and prints this run's targets."""
     from ppd.eval.report import target_checks
-    from ray_jobs.demo import rerender_results, run_demo, summary_table
+    from ppd_ray.pipelines.demo import rerender_results, run_demo, summary_table
 
     cfg = _config(preset, overrides, [f"data.seed={seed}"])
     command = " ".join(["ppd demo", *(["--preset", preset] if preset != "tiny_cpu" else [])])
@@ -392,7 +392,7 @@ def sweep_beta(
 ) -> None:
     """Choose β per method on the validation split (paper B.1): one training per (method, β) under one MLflow parent
     run, each scored on validation captions; writes the choice that `ppd demo` then uses."""
-    from ray_jobs.sweep import format_sweep, run_beta_sweep
+    from ppd_ray.pipelines.sweep import format_sweep, run_beta_sweep
 
     cfg = _config(preset, overrides, [f"data.seed={seed}"])
     try:

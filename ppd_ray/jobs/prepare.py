@@ -1,7 +1,7 @@
 """Ray job: Pick-a-Pic v2 shards -> train / validation / test_seen / test_unseen parquet + few-shot groups.
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-        python -m ray_jobs.prepare --input toy/pairs/population --out prepared/population
+        python -m ppd_ray.jobs.prepare --input toy/pairs/population --out prepared/population
 
 Shards stream through Ray Data twice (check rows, then write them out annotated); the split and group decisions are
 made once on the driver from a small metadata table (`ppd.data.prepare.plan_preparation`). Every input row ends in
@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from ppd.config import DataConfig, PPDConfig
 from ppd.data.prepare import SPLITS, accounting, plan_preparation, preferred_index, row_rejections
 from ppd.data.schema import check_schema, conform
-from ray_jobs.common import JobError, config_from_args, init_ray, job_arg_parser, log
+from ppd_ray.jobs.common import JobError, config_from_args, init_ray, job_arg_parser, log
 
 OUTPUT_DIRS = (*SPLITS, "groups", "_group_members")
 

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from ppd.config import PRESETS, ConfigError, load_config
-from ray_jobs.common import JobError, log
+from ppd_ray.jobs.common import JobError, log
 
 embed_app = typer.Typer(help="Stage 1: few-shot preference groups -> user embeddings; user classifier.")
 
@@ -45,7 +45,7 @@ def embed(
         return
     if prepared is None or out is None:
         _fail("--prepared and --out are required (or use a subcommand: ppd embed classify --help)")
-    from ray_jobs.embed import format_summary, run, with_embed_args
+    from ppd_ray.jobs.embed import format_summary, run, with_embed_args
 
     try:
         cfg = with_embed_args(load_config(preset, overrides or []), embedder, model, layers)

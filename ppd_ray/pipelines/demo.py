@@ -4,7 +4,7 @@ toy world -> prepare (one-reward users, population) -> embed (one-hot users; pai
 -> precompute -> train (PPD, Diffusion-DPO, SFT, the per-reward DPO upper bounds, PPD on the population) ->
 evaluate -> RESULTS.md + results.json. Starts a Ray head and an MLflow server on loopback and stops both.
 
-Each stage is the documented entrypoint (`python -m ray_jobs.<job> ...`), submitted through the Jobs API exactly as
+Each stage is the documented entrypoint (`python -m ppd_ray.jobs.<job> ...`), submitted through the Jobs API exactly as
 `ray job submit` would; the planned commands are printed so any stage can be rerun by hand.
 """
 
@@ -22,7 +22,7 @@ from ppd.config import PPDConfig
 from ppd.eval.evaluate import POPULATION_VARIANT, upper_bound_variant
 from ppd.eval.report import render_results_markdown, target_checks
 from ppd.train.data import MANIFEST_FILE
-from ray_jobs.common import JobError, log
+from ppd_ray.jobs.common import JobError, log
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # The pretrained tiny Stage C every run starts from (regenerate: `ppd toy pretrain-base --out assets/toy_base`).
@@ -69,7 +69,7 @@ class DemoPlan:
         config: list[str] = ["--preset", self.preset] if configured else []
         for item in (*self.overrides, *overrides) if configured else ():
             config += ["--set", item]
-        # Config options last: argparse jobs take them anywhere, `ray_jobs.cli` only after its subcommand.
+        # Config options last: argparse jobs take them anywhere, `ppd_ray.cli.main` only after its subcommand.
         self.stages.append(DemoStage(title, ("python", "-m", module, *(str(a) for a in args), *config), output))
 
     def train(self, title: str, precomputed: Path, variant: str, *overrides: str) -> None:
@@ -77,7 +77,7 @@ class DemoPlan:
         self.add(
             title,
             run_dir / "summary.json",
-            "ray_jobs.train",
+            "ppd_ray.jobs.train",
             "--precomputed",
             precomputed,
             "--out",
@@ -120,7 +120,7 @@ def plan_demo(
     plan.add(
         "prepare one-reward users",
         prepared / ONE_REWARD / "accounting.json",
-        "ray_jobs.prepare",
+        "ppd_ray.jobs.prepare",
         "--input",
         world / "pairs" / ONE_REWARD,
         "--out",
@@ -130,7 +130,7 @@ def plan_demo(
     plan.add(
         "prepare population",
         prepared / POPULATION / "accounting.json",
-        "ray_jobs.prepare",
+        "ppd_ray.jobs.prepare",
         "--input",
         world / "pairs" / POPULATION,
         "--out",
@@ -141,7 +141,7 @@ def plan_demo(
         plan.add(
             f"embed {population} ({embedder})",
             None,  # the embedding job resumes by itself (embeds only groups not yet in its output)
-            "ray_jobs.embed",
+            "ppd_ray.jobs.embed",
             "--prepared",
             prepared / population,
             "--out",
@@ -152,7 +152,7 @@ def plan_demo(
     plan.add(
         "classify population users from their embeddings",
         w / "classifier" / "classifier.json",
-        "ray_jobs.cli",
+        "ppd_ray.cli.main",
         "embed",
         "classify",
         "--embeddings",
@@ -167,7 +167,7 @@ def plan_demo(
         plan.add(
             f"precompute {population}",
             precomputed / population / MANIFEST_FILE,
-            "ray_jobs.precompute",
+            "ppd_ray.jobs.precompute",
             "--prepared",
             prepared / population,
             "--embeddings",
@@ -208,7 +208,7 @@ def plan_demo(
     plan.add(
         "evaluate every model on the hidden rewards",
         w / "eval" / "results.json",
-        "ray_jobs.evaluate",
+        "ppd_ray.jobs.evaluate",
         "--world",
         world,
         "--one-reward-prepared",
@@ -274,8 +274,8 @@ def run_demo(
 
     `resume` keeps what an earlier run with the same workdir finished (the toy world, every stage whose output exists)
     and runs only the rest; it is the caller's promise that preset, overrides and seed are unchanged."""
-    from ray_jobs.submit import local_head
-    from ray_jobs.tracking import tracking_uri
+    from ppd_ray.infra.local_cluster import local_head
+    from ppd_ray.tracking import tracking_uri
 
     began = time.monotonic()
     if not (BASE_MODEL_DIR / "config.json").is_file():

@@ -1,4 +1,4 @@
-"""The web page the ingress serves at `/`: its files (serve/web/, no build step, nothing from the internet) and the
+"""The web page the ingress serves at `/`: its files (ppd_ray/serving/web/, no build step, nothing from the internet) and the
 example pairs it starts from (a prepared split, read by `ppd.data.example_pairs`).
 
 The page is plain HTML/CSS/JS that calls the same /v1 API as any client; its Content-Security-Policy allows
@@ -16,7 +16,7 @@ from fastapi import Response
 
 from ppd.config import PPDConfig
 from ppd.data.example_pairs import ExamplePairSource, ExamplesMissing, ImageBudget
-from serve.schemas import ExamplePairOut, ExamplePairsResponse
+from ppd_ray.serving.schemas import ExamplePairOut, ExamplePairsResponse
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 ASSETS = {

@@ -26,9 +26,9 @@ from ray.serve.handle import DeploymentHandle
 
 from ppd.config import PPDConfig
 from ppd.data.example_pairs import ExamplesMissing
-from serve.embedder import EmbeddedUser
-from serve.generator import GenerationJob
-from serve.schemas import (
+from ppd_ray.serving.embedder import EmbeddedUser
+from ppd_ray.serving.generator import GenerationJob
+from ppd_ray.serving.schemas import (
     CreateUserRequest,
     ErrorResponse,
     ExamplePairsResponse,
@@ -47,7 +47,7 @@ from serve.schemas import (
     check_mix,
     check_pairs,
 )
-from serve.web import ASSETS, ExamplePairs, WebPage
+from ppd_ray.serving.web import ASSETS, ExamplePairs, WebPage
 
 logger = logging.getLogger("ray.serve")
 DEFAULT_MAX_BODY_BYTES = 2 * 2**20
@@ -392,7 +392,7 @@ class Ingress:
             return self._images(settings, pngs, "png")
         return self._images(settings, pngs, "json", profile=user.profile, embedding_shape=list(user.embedding.shape))
 
-    # --- the web page (serve/web/; it calls the routes above like any client) ------------------------------------------
+    # --- the web page (ppd_ray/serving/web/; it calls the routes above like any client) ------------------------------------------
 
     @api.get("/", include_in_schema=False)
     async def page(self) -> Response:

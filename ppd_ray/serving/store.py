@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from ray import serve
 
-from serve.schemas import HANDLE_PREFIX, HANDLE_RANDOM_BYTES
+from ppd_ray.serving.schemas import HANDLE_PREFIX, HANDLE_RANDOM_BYTES
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The Serve application: Ingress (FastAPI) -> Embedder -> Generator, plus the single-replica user store.
 
-    serve run serve/config.yaml                     # import_path serve.app:build_app, args {preset, overrides}
+    serve run ppd_ray/serving/config.yaml                     # import_path ppd_ray.serving.app:build_app, args {preset, overrides}
     ppd serve --set serve.adapter_dir=runs/x/ppd    # the same file, with overrides
 
 Replicas, CPUs/GPUs, autoscaling and batching come from the typed `serve` section of the PPD config
@@ -17,10 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray.serve import Application
 
 from ppd.config import PPDConfig, load_config
-from serve.embedder import EmbedderDeployment
-from serve.generator import GeneratorDeployment, resolve_adapter
-from serve.ingress import Ingress
-from serve.store import UserStoreDeployment
+from ppd_ray.serving.embedder import EmbedderDeployment
+from ppd_ray.serving.generator import GeneratorDeployment, resolve_adapter
+from ppd_ray.serving.ingress import Ingress
+from ppd_ray.serving.store import UserStoreDeployment
 
 
 class AppArgs(BaseModel):
@@ -37,7 +37,7 @@ class AppArgs(BaseModel):
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    """Serve's application builder (`import_path: serve.app:build_app`)."""
+    """Serve's application builder (`import_path: ppd_ray.serving.app:build_app`)."""
     return compose(AppArgs.model_validate(args or {}).config())
 
 

@@ -1,6 +1,6 @@
 """Ray job: score trained adapters on the validation split, for model selection (the β sweep of `ppd sweep beta`).
 
-    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m ray_jobs.validate \
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m ppd_ray.jobs.validate \
         --world $PWD/runs/demo/toy --prepared $PWD/runs/demo/prepared/one_reward \
         --adapters $PWD/runs/demo/sweep/adapters.json --out $PWD/runs/demo/sweep/validation
 
@@ -19,7 +19,7 @@ from ppd.config import ATTRIBUTES, PPDConfig
 from ppd.eval.evaluate import decode_png, read_split, score
 from ppd.eval.rewards import ToyRewards
 from ppd.eval.toy_experiments import OneRewardUsers, summarise_validation, validation_requests
-from ray_jobs.common import JobError, config_from_args, generate_images, job_arg_parser, log
+from ppd_ray.jobs.common import JobError, config_from_args, generate_images, job_arg_parser, log
 
 VALIDATION_FILE = "validation.json"
 

@@ -4,10 +4,10 @@ The documented way to run a job is the CLI against a head's dashboard:
 
     ray start --head --num-cpus 2 --dashboard-host 127.0.0.1
     RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-        python -m ray_jobs.prepare --input /abs/toy/pairs/population --out /abs/prepared
+        python -m ppd_ray.jobs.prepare --input /abs/toy/pairs/population --out /abs/prepared
 
 `local_head()` does the first line on free ports, in a temporary directory of its own with a token of its own
-(`ray_jobs.ray_auth`: nothing read from or written to the user's home directory), and stops exactly the processes it
+(`ppd_ray.infra.ray_auth`: nothing read from or written to the user's home directory), and stops exactly the processes it
 started (never `ray stop`, which would stop every Ray on the machine). `submit_and_wait` does the second
 through the Python `JobSubmissionClient`: it polls, streams the job's log lines, and turns a failed job into a
 JobError carrying the tail of its logs. Paths passed to a job must be absolute: the job runs in an uploaded copy of
@@ -30,8 +30,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ray_jobs.common import JobError, log
-from ray_jobs.ray_auth import TOKEN_HELP, bearer, new_token_file, token_env, user_token_headers
+from ppd_ray.infra.ray_auth import TOKEN_HELP, bearer, new_token_file, token_env, user_token_headers
+from ppd_ray.jobs.common import JobError, log
 
 # Files a job never needs (and that must not be uploaded with the working directory).
 DEFAULT_EXCLUDES = [".venv/", ".git/", "runs/", ".cache/", "**/__pycache__/", ".pytest_cache/", ".ruff_cache/"]
@@ -188,7 +188,7 @@ def _node_arguments(num_cpus: float) -> list[str]:
 
 def _start_ray(arguments: list[str], log_path: Path, num_cpus: float, token_path: Path) -> RayNode:
     ray_cli = Path(sys.executable).with_name("ray")
-    # The interpreter's bin/ first on PATH: entrypoints say `python -m ray_jobs.<job>` (as documented for
+    # The interpreter's bin/ first on PATH: entrypoints say `python -m ppd_ray.jobs.<job>` (as documented for
     # `ray job submit`) and must get this environment's python even when the virtualenv was never activated.
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     inherited = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN"}  # would win over the cluster's file

@@ -1,6 +1,6 @@
 """Ray job: generate evaluation images with every model variant, score them, write results and plots.
 
-    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m ray_jobs.evaluate \
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m ppd_ray.jobs.evaluate \
         --world $PWD/runs/demo/toy --one-reward-prepared $PWD/runs/demo/prepared/one_reward \
         --adapters $PWD/runs/demo/adapters.json --out $PWD/runs/demo/eval
 
@@ -38,7 +38,7 @@ from ppd.eval.evaluate import (
 )
 from ppd.eval.report import interpolation_plot, sample_grid, win_rate_bars
 from ppd.eval.rewards import ToyRewards
-from ray_jobs.common import JobError, config_from_args, generate_images, job_arg_parser, log
+from ppd_ray.jobs.common import JobError, config_from_args, generate_images, job_arg_parser, log
 
 
 def _read_json(path: Path | None, what: str) -> dict:
@@ -278,7 +278,7 @@ def _judge(cfg: PPDConfig, world: Path | None, prepared: Path, seed: int) -> dic
 
 def _track(cfg: PPDConfig, results: dict, out: Path, seed: int) -> None:
     """Log the evaluation as an MLflow run: every number of results.json as a metric, results and plots as artifacts."""
-    from ray_jobs.tracking import log_finished_run, tracking_uri
+    from ppd_ray.tracking import log_finished_run, tracking_uri
 
     metrics = {key: value for key, value in flatten_numbers(results) if key != "evaluate_seconds"}
     artifacts = [(out / "results.json", "evaluation")]

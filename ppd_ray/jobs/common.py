@@ -49,7 +49,7 @@ def config_from_args(args: argparse.Namespace) -> PPDConfig:
 
 def init_ray() -> None:
     """Connect to the cluster this job was submitted to (RAY_ADDRESS), or start a local Ray."""
-    from ray_jobs.ray_auth import start_or_connect
+    from ppd_ray.infra.ray_auth import start_or_connect
 
     if os.environ.get("RAY_ADDRESS"):  # submitted with `ray job submit`, or pointed at a running head
         start_or_connect(logging_level="WARNING")
