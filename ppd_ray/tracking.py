@@ -1,110 +1,20 @@
-"""MLflow: a real tracking server on loopback for the embedded default, run logging from rank 0, run comparison.
+"""MLflow runs: opened and closed by a job's driver, written to by rank 0, compared side by side (`ppd runs compare`).
 
-Multi-node workers cannot share a sqlite file, so even locally every run goes through an `mlflow server` process
-(sqlite backend store, local artifact root) that this module starts and stops.
+Where the runs go: `cfg.tracking.uri`, else MLFLOW_TRACKING_URI, else a loopback server
+(`ppd_ray.infra.mlflow_server.tracking_uri`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import socket
-import subprocess
+import logging
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-from ppd_ray.jobs.common import JobError, log
+from ppd_ray.console import JobError
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
-class MlflowServer:
-    """A running `mlflow server` process bound to 127.0.0.1."""
-
-    uri: str
-    process: subprocess.Popen
-    log_path: Path
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-
-
-def start_mlflow_server(root: Path, port: int | None = None, timeout_s: float = 90.0) -> MlflowServer:
-    """Start `mlflow server` with a sqlite store and artifacts under `root`; wait until /health answers."""
-    import httpx
-
-    root = Path(root).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    port = port or _free_port()
-    log_path = root / "server.log"
-    command = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--backend-store-uri",
-        f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination",
-        str(root / "artifacts"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    with open(log_path, "ab") as log_file:
-        # A session of its own: Ctrl-C in the terminal reaches us first, and we stop the server in order.
-        # MLflow 3 also starts huey job-runner processes (~6 x 240 MB) for its server-side jobs, which we never use.
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise JobError(f"mlflow server exited with status {process.returncode}; see {log_path}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{uri}/health", timeout=2).status_code == 200:
-                log(f"MLflow server at {uri} (store {root})")
-                return MlflowServer(uri, process, log_path)
-        time.sleep(0.5)
-    process.kill()
-    raise JobError(f"mlflow server did not answer within {timeout_s:.0f}s; see {log_path}")
-
-
-@contextlib.contextmanager
-def tracking_uri(configured: str | None, root: Path) -> Iterator[str]:
-    """The configured tracking URI (else MLFLOW_TRACKING_URI), or a loopback server under `root` while the block runs.
-
-    The environment variable is how a driver that started a server (`ppd demo`) hands it to the jobs it submits."""
-    configured = configured or os.environ.get("MLFLOW_TRACKING_URI")
-    if configured:
-        yield configured
-        return
-    server = start_mlflow_server(root)
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = server.uri
-    try:
-        yield server.uri
-    finally:
-        server.stop()
-        if previous is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = previous
+logger = logging.getLogger(__name__)
 
 
 # --- runs: opened and closed by the job driver, written to by rank 0 ------------------------------------------------

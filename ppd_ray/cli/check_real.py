@@ -7,6 +7,7 @@ so `ppd` cannot) and prints one line per check. Exit status 2 when any check fai
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -16,7 +17,8 @@ from typing import Annotated
 import typer
 
 from ppd.config import ConfigError, PPDConfig, cluster_presets, load_config
-from ppd_ray.jobs.common import log
+
+logger = logging.getLogger(__name__)
 
 
 def serve_generate(cfg: PPDConfig, jobs: Sequence[dict]) -> list[list[bytes]]:
@@ -58,7 +60,7 @@ def check_real_command(
     try:
         for cfg in configs:
             try:
-                report = check_real(cfg, folder, stages, serve_generate=serve_generate, progress=log)
+                report = check_real(cfg, folder, stages, serve_generate=serve_generate, progress=logger.info)
             except (CheckFailed, ValueError) as err:
                 typer.secho(f"error: {cfg.preset}: {err}", fg="red", err=True)
                 raise typer.Exit(2) from None

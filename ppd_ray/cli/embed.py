@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from ppd.config import PRESETS, ConfigError, load_config
-from ppd_ray.jobs.common import JobError, log
+from ppd_ray.console import JobError
+
+logger = logging.getLogger(__name__)
 
 embed_app = typer.Typer(help="Stage 1: few-shot preference groups -> user embeddings; user classifier.")
 
@@ -78,7 +81,7 @@ def classify(
         _fail(str(err))
     if pooling == "auto":
         pooling = "mean" if settings == {"pairdiff"} else "flatten"
-    log(f"classifying users from {len(vectors)} embeddings ({pooling} pooling)")
+    logger.info(f"classifying users from {len(vectors)} embeddings ({pooling} pooling)")
     try:
         report = evaluate_user_classifier(
             vectors, pooling=pooling, max_users=max_users, test_per_user=test_per_user, seed=seed

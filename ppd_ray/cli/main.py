@@ -6,6 +6,7 @@ Pure commands (toy, config, model) call `ppd` directly; job commands run the sam
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -17,7 +18,9 @@ from ppd_ray.cli.check_real import check_real_command
 from ppd_ray.cli.embed import embed_app
 from ppd_ray.cli.model import model_app
 from ppd_ray.cli.serve import serve_command
-from ppd_ray.jobs.common import JobError, log
+from ppd_ray.console import JobError
+
+logger = logging.getLogger(__name__)
 
 app = typer.Typer(
     help="PPD on Ray: personalised preference fine-tuning of diffusion models.",
@@ -110,9 +113,9 @@ def generate_toy_world(cfg: PPDConfig, out: Path, seed: int) -> dict:
     def progress(population: str, rows: int) -> None:
         nonlocal done
         done += rows
-        log(f"toy world: {done}/{total} pairs ({population})")
+        logger.info(f"toy world: {done}/{total} pairs ({population})")
 
-    log(f"toy world: rendering {total} pairs of {toy_cfg.image_size}x{toy_cfg.image_size} images, seed {seed}")
+    logger.info(f"toy world: rendering {total} pairs of {toy_cfg.image_size}x{toy_cfg.image_size} images, seed {seed}")
     manifest = write_toy_world(out, toy_cfg, seed, progress=progress)
     for population, counts in manifest["populations"].items():
         typer.echo(
@@ -159,14 +162,14 @@ def toy_pretrain_base(
     )
     try:
         summary = pretrain_toy_base(
-            cfg, settings, out, progress=lambda step, loss: log(f"step {step}/{steps} loss {loss:.4f}")
+            cfg, settings, out, progress=lambda step, loss: logger.info(f"step {step}/{steps} loss {loss:.4f}")
         )
     except ValueError as err:
         _fail(str(err))
     state = "finished" if summary["finished"] else "stopped early (continue with --resume-from)"
     typer.echo(f"toy base -> {out}: step {summary['steps_done']}/{steps} {state}, loss {summary['final_loss']:.4f}")
     if gate_samples > 0:
-        log(f"quality gate on {gate_samples} samples")
+        logger.info(f"quality gate on {gate_samples} samples")
         base = VariantGenerator(cfg.with_overrides([f"model.stage_c_path={out.resolve()}"]), None)
         gate = measure_base(base.generate, cfg.data.toy.image_size, gate_samples, seed)
         write_record(out, {**read_record(out), "quality_gate": gate})
@@ -269,7 +272,8 @@ def runs_compare(
     overrides: OverrideOption = None,
 ) -> None:
     """Print an experiment's runs side by side: params that differ, final metrics."""
-    from ppd_ray.tracking import compare_runs, tracking_uri
+    from ppd_ray.infra.mlflow_server import tracking_uri
+    from ppd_ray.tracking import compare_runs
 
     cfg = _config(preset, overrides)
     uri = uri or cfg.tracking.uri

@@ -60,8 +60,8 @@ def serve_command(
 
     from ray import serve
 
+    from ppd_ray.console import JobError
     from ppd_ray.infra.ray_auth import start_or_connect
-    from ppd_ray.jobs.common import JobError
     from ppd_ray.serving.app import build_app
 
     try:

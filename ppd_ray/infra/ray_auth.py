@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ppd_ray.jobs.common import JobError
+from ppd_ray.console import JobError
 
 TOKEN_FILE = "auth_token"
 MODE_VAR, TOKEN_PATH_VAR, TOKEN_VAR = "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN"

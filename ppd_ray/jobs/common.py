@@ -1,4 +1,4 @@
-"""What every job entry point shares: config from arguments, Ray start-up, user-facing errors, progress lines."""
+"""What every job entry point shares: config from arguments, Ray start-up, the generation actor pool."""
 
 from __future__ import annotations
 
@@ -6,21 +6,9 @@ import argparse
 import logging
 import os
 import sys
-import time
 
 from ppd.config import PRESETS, ConfigError, PPDConfig, load_config
-
-
-class JobError(RuntimeError):
-    """A problem the user can fix (bad input, bad config): printed as one line, never as a traceback."""
-
-
-_START = time.monotonic()
-
-
-def log(message: str) -> None:
-    """A progress line on stderr with the seconds since start."""
-    print(f"[ppd {time.monotonic() - _START:7.1f}s] {message}", file=sys.stderr, flush=True)
+from ppd_ray.console import JobError
 
 
 def job_arg_parser(description: str) -> argparse.ArgumentParser:

@@ -13,6 +13,7 @@ groups the output folder already holds for the same model, prompt, layers and se
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -25,7 +26,10 @@ from ppd.embed import embedding_identity, load_embedder
 from ppd.embed.base import EmbeddingIdentity
 from ppd.embed.groups import GROUP_COLUMNS, groups_from_rows
 from ppd.embed.store import done_group_ids, write_part
-from ppd_ray.jobs.common import JobError, config_from_args, init_ray, job_arg_parser, log
+from ppd_ray.console import JobError
+from ppd_ray.jobs.common import config_from_args, init_ray, job_arg_parser
+
+logger = logging.getLogger(__name__)
 
 EMBEDDERS = ("vlm-hf", "vlm-vllm", "pairdiff", "onehot")
 
@@ -48,7 +52,7 @@ class EmbedGroups:
         # Ray Data hands finished batches to the driver in bundles: this line is the per-batch progress.
         self.groups_done += len(rows)
         failed = sum(row.error is not None for row in rows)
-        log(
+        logger.info(
             f"actor: {len(rows)} groups ({failed} failed) in {time.monotonic() - start:.1f}s -> {part.name}; {self.groups_done} by this actor"
         )
         return {
@@ -129,7 +133,7 @@ def run(cfg: PPDConfig, prepared: Path, out: Path, limit: int | None = None) -> 
         from ppd.embed.onehot import write_one_hot_embeddings
 
         rows = write_one_hot_embeddings(prepared / "groups", out)
-        log(f"onehot: {rows} groups -> {out}")
+        logger.info(f"onehot: {rows} groups -> {out}")
         return {
             "embedder": "onehot",
             "groups": rows,
@@ -147,7 +151,7 @@ def run(cfg: PPDConfig, prepared: Path, out: Path, limit: int | None = None) -> 
     todo = [g for g in all_ids if g not in done]
     if limit is not None:
         todo = todo[:limit]
-    log(
+    logger.info(
         f"{cfg.embed.embedder} ({identity.model_id}, prompt {identity.prompt_hash}, layers {list(identity.layers)}): "
         f"{len(all_ids)} groups, {len(done & set(all_ids))} already in {out}, {len(todo)} to embed"
     )
@@ -191,10 +195,10 @@ def run(cfg: PPDConfig, prepared: Path, out: Path, limit: int | None = None) -> 
                 if outcome["error"] is not None:
                     summary["failed"] += 1
                     summary["errors"].append({"group_id": outcome["group_id"], "error": outcome["error"]})
-                    log(f"error row: {outcome['error']}")
+                    logger.info(f"error row: {outcome['error']}")
             finished = summary["embedded"] + summary["failed"]
             elapsed = time.monotonic() - start
-            log(
+            logger.info(
                 f"embedded {finished}/{len(todo)} groups ({summary['failed']} failed), {finished / elapsed:.2f} groups/s"
             )
         summary["users"] = len(users)

@@ -18,6 +18,7 @@ on its GPU when `eval.gpus_per_actor` gives it one); the statistics run on the d
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -38,7 +39,10 @@ from ppd.eval.evaluate import (
 )
 from ppd.eval.report import interpolation_plot, sample_grid, win_rate_bars
 from ppd.eval.rewards import ToyRewards
-from ppd_ray.jobs.common import JobError, config_from_args, generate_images, job_arg_parser, log
+from ppd_ray.console import JobError
+from ppd_ray.jobs.common import config_from_args, generate_images, job_arg_parser
+
+logger = logging.getLogger(__name__)
 
 
 def _read_json(path: Path | None, what: str) -> dict:
@@ -110,7 +114,7 @@ def run_real(
     }
     seeds = [seed * 1000 + s for s in range(cfg.eval.seeds_per_caption)]
     requests = real_requests(users, vectors, sorted(adapters), cfg.eval.captions_per_user, seeds)
-    log(
+    logger.info(
         f"evaluate (real data): {len(users)} users of {', '.join(splits)}, {len(requests)} images "
         f"({len(adapters)} variant(s) + the base), rewards {', '.join(cfg.eval.image_rewards)}"
     )
@@ -137,7 +141,7 @@ def run_real(
             raise JobError(str(err)) from None
         groups = read_groups(prepared, sorted(set(users["group_id"].astype(int))))
         pngs = dict(zip(frame["request_id"].astype(int), frame["png"], strict=True))
-        log(f"evaluate: judge {judge.backend} on {int((scored['variant'] != BASE).sum())} generated pairs")
+        logger.info(f"evaluate: judge {judge.backend} on {int((scored['variant'] != BASE).sum())} generated pairs")
         results["judge_generated"] = judge_generated(scored, pngs, groups, judge.ask, cfg.eval.bootstrap_samples, seed)
         results["judge"] = _judge(cfg, None, prepared, seed)  # its accuracy on held-out human labels
 
@@ -192,11 +196,13 @@ def run(
     requests = build_requests(cfg, one_reward_prepared, one_reward_ids, upper_bounds, population, seed)
     if not requests:
         raise JobError("nothing to evaluate: give --one-reward-prepared and/or --population-prepared")
-    log(f"evaluate: generating {len(requests)} images with {len({r['variant'] for r in requests})} model variants")
+    logger.info(
+        f"evaluate: generating {len(requests)} images with {len({r['variant'] for r in requests})} model variants"
+    )
 
     frame = generate_images(cfg, requests, adapters)
     images = np.stack([decode_png(p) for p in frame["png"]])
-    log(f"evaluate: scoring {len(frame)} images")
+    logger.info(f"evaluate: scoring {len(frame)} images")
     scored = score(frame.drop(columns=["png", "embedding"]), images, ToyRewards(world))
     results = summarise(cfg, scored, one_reward_ids, upper_bounds, seed)
     image_reward_columns = [c for c in scored.columns if c.startswith("image_reward.")]
@@ -210,7 +216,7 @@ def run(
     results["objects"] = object_diagnostics(variants, images, image_size, seed)
     if "base" in variants:
         results["base_quality"] = base_gate(variants, frame["caption"].tolist(), images, image_size, seed)
-        log(f"evaluate: base quality gate {'passed' if results['base_quality']['passed'] else 'NOT passed'}")
+        logger.info(f"evaluate: base quality gate {'passed' if results['base_quality']['passed'] else 'NOT passed'}")
     if population_prepared is not None:
         results["judge"] = _judge(cfg, world, population_prepared, seed)
     if classifier:
@@ -264,13 +270,15 @@ def _judge(cfg: PPDConfig, world: Path | None, prepared: Path, seed: int) -> dic
 
     queries, truth = judge_queries(prepared, cfg.eval.judge_split, cfg.eval.judge_pairs, seed)
     if not queries:
-        log(f"evaluate: no {cfg.eval.judge_split} pairs with a context group to judge; judge skipped")
+        logger.info(f"evaluate: no {cfg.eval.judge_split} pairs with a context group to judge; judge skipped")
         return {}
     try:
         judge = make_judge(cfg, world)
     except ValueError as err:
         raise JobError(str(err)) from None
-    log(f"evaluate: judge {judge.backend} on {len(queries)} held-out {cfg.eval.judge_split} pairs (both orders)")
+    logger.info(
+        f"evaluate: judge {judge.backend} on {len(queries)} held-out {cfg.eval.judge_split} pairs (both orders)"
+    )
     report = evaluate_judge(queries, truth, judge.ask, judge.backend, cfg.eval.bootstrap_samples, seed)
     report.pop("preferred")  # per-query verdicts: long, and nothing reads them
     return report
@@ -278,7 +286,8 @@ def _judge(cfg: PPDConfig, world: Path | None, prepared: Path, seed: int) -> dic
 
 def _track(cfg: PPDConfig, results: dict, out: Path, seed: int) -> None:
     """Log the evaluation as an MLflow run: every number of results.json as a metric, results and plots as artifacts."""
-    from ppd_ray.tracking import log_finished_run, tracking_uri
+    from ppd_ray.infra.mlflow_server import tracking_uri
+    from ppd_ray.tracking import log_finished_run
 
     metrics = {key: value for key, value in flatten_numbers(results) if key != "evaluate_seconds"}
     artifacts = [(out / "results.json", "evaluation")]
@@ -293,7 +302,7 @@ def _track(cfg: PPDConfig, results: dict, out: Path, seed: int) -> None:
             artifacts,
             tags={"ppd.job": "evaluate"},
         )
-    log(f"evaluate: MLflow run {run_id} ({len(metrics)} metrics)")
+    logger.info(f"evaluate: MLflow run {run_id} ({len(metrics)} metrics)")
 
 
 def flatten_numbers(tree: dict, prefix: str = "") -> list[tuple[str, float]]:

@@ -15,6 +15,7 @@ and written as parquet. Training reads only these outputs (`ppd.train.data`).
 
 from __future__ import annotations
 
+import logging
 import shutil
 import sys
 from pathlib import Path
@@ -47,7 +48,10 @@ from ppd.train.precompute import (
     load_latent_encoder,
     plan_training_rows,
 )
-from ppd_ray.jobs.common import JobError, config_from_args, init_ray, job_arg_parser, log
+from ppd_ray.console import JobError
+from ppd_ray.jobs.common import config_from_args, init_ray, job_arg_parser
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_SPLITS = ("train",)  # what training reads; add validation etc. for held-out losses
 _META_COLUMNS = ["pair_id", "user_id", "caption", "condition_group_id"]
@@ -134,7 +138,7 @@ def read_pair_metadata(prepared: Path, splits: tuple[str, ...]) -> pd.DataFrame:
         if not files:
             if split == "train":
                 raise JobError(f"{prepared}/train has no parquet files: is {prepared} the output of `ppd prepare`?")
-            log(f"{prepared}/{split}: no rows, skipped")
+            logger.info(f"{prepared}/{split}: no rows, skipped")
             continue
         try:
             table = pq.read_table(files, columns=_META_COLUMNS)
@@ -186,7 +190,7 @@ def run(
     present = tuple(s for s in splits if s in set(pairs["split"]))
     for split in present:
         left_out = ", ".join(f"{k} {v}" for k, v in skipped[split].items() if v) or "none"
-        log(f"{split}: {int((plan['split'] == split).sum())} trainable pairs (left out: {left_out})")
+        logger.info(f"{split}: {int((plan['split'] == split).sum())} trainable pairs (left out: {left_out})")
     if not (plan["split"] == "train").any():
         raise JobError(
             f"no trainable train pair: {skipped['train']} (do the embeddings in {embeddings_path} belong to {prepared}?)"
@@ -213,7 +217,7 @@ def run(
             continue
         split_files[split] = _write_split(prepared, split, out, model, plan_ref, encoder_actors)
         skipped[split]["undecodable_image"] = len(own) - split_files[split].rows
-        log(f"{split}: wrote {split_files[split].rows} pairs in {len(split_files[split].files)} file(s)")
+        logger.info(f"{split}: wrote {split_files[split].rows} pairs in {len(split_files[split].files)} file(s)")
     manifest = PrecomputedManifest(
         architecture=model.architecture,
         text_encoder=model.stage_c_path or "tiny",
@@ -238,7 +242,7 @@ def _write_caption_table(
 ) -> tuple[tuple[int, int], int]:
     import ray
 
-    log(f"encoding {len(captions)} distinct captions")
+    logger.info(f"encoding {len(captions)} distinct captions")
     table = pd.DataFrame({"caption_index": list(captions.values()), "caption": list(captions.keys())})
     table.to_parquet(out / CAPTIONS_INDEX, index=False)
     encoded = ray.data.from_pandas(table).map_batches(
@@ -270,7 +274,7 @@ def _write_embedding_table(index, embeddings_path: Path, out: Path) -> None:
     from ppd.embed.store import iter_embeddings
 
     rows = len(index.table)
-    log(f"writing {rows} user embeddings {list(index.embedding_shape)} (streamed from {embeddings_path})")
+    logger.info(f"writing {rows} user embeddings {list(index.embedding_shape)} (streamed from {embeddings_path})")
     index.table.to_parquet(out / EMBEDDINGS_INDEX, index=False)
     row_of = {
         (int(u), int(g)): int(r)
@@ -292,7 +296,7 @@ def _write_split(
     import ray
 
     files = sorted(str(p) for p in (prepared / split).glob("*.parquet"))
-    log(f"{split}: encoding images of {len(files)} file(s)")
+    logger.info(f"{split}: encoding images of {len(files)} file(s)")
     (
         ray.data.read_parquet(files, override_num_blocks=len(files))
         .select_columns(_IMAGE_COLUMNS)

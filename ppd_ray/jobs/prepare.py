@@ -11,6 +11,7 @@ a split or in a counted rejection; accounting.json proves it (input_rows == sum(
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import sys
 from dataclasses import dataclass
@@ -24,7 +25,10 @@ import pyarrow.parquet as pq
 from ppd.config import DataConfig, PPDConfig
 from ppd.data.prepare import SPLITS, accounting, plan_preparation, preferred_index, row_rejections
 from ppd.data.schema import check_schema, conform
-from ppd_ray.jobs.common import JobError, config_from_args, init_ray, job_arg_parser, log
+from ppd_ray.console import JobError
+from ppd_ray.jobs.common import config_from_args, init_ray, job_arg_parser
+
+logger = logging.getLogger(__name__)
 
 OUTPUT_DIRS = (*SPLITS, "groups", "_group_members")
 
@@ -143,7 +147,9 @@ def run(cfg: PPDConfig, input_path: Path, out: Path) -> dict:
     shards = discover_shards(input_path)
     for shard in shards:
         if shard.problem:
-            log(f"skipping {shard.path}: {shard.message} -> {shard.rows} row(s) counted as rejected ({shard.problem})")
+            logger.info(
+                f"skipping {shard.path}: {shard.message} -> {shard.rows} row(s) counted as rejected ({shard.problem})"
+            )
     usable = [s for s in shards if s.problem is None and s.rows > 0]
     for sub in OUTPUT_DIRS:
         shutil.rmtree(out / sub, ignore_errors=True)  # stale parts of an earlier run must not mix in
@@ -160,7 +166,7 @@ def run(cfg: PPDConfig, input_path: Path, out: Path) -> dict:
         [{"index": s.index, "path": s.path, "first_pair_id": s.first_pair_id} for s in usable],
         override_num_blocks=max(1, len(usable)),  # one block per shard, so shards run in parallel tasks
     )
-    log(f"checking {sum(s.rows for s in usable)} rows in {len(usable)} shard(s)")
+    logger.info(f"checking {sum(s.rows for s in usable)} rows in {len(usable)} shard(s)")
     if usable:
         meta = specs.map_batches(
             scan_shard,
@@ -239,7 +245,7 @@ def _write_rejections(out: Path, meta: pd.DataFrame, plan, shards: list[Shard]) 
         examples = ", ".join(
             f"{Path(f).name}:{r}" for f, r in zip(rows["file"][:3], rows["row_in_file"][:3], strict=False)
         )
-        log(f"rejected {int(rows['rows'].sum())} row(s): {reason} (e.g. {examples})")
+        logger.info(f"rejected {int(rows['rows'].sum())} row(s): {reason} (e.g. {examples})")
 
 
 def _nonzero(counts: dict[str, int]) -> str:

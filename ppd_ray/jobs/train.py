@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -31,9 +32,13 @@ import torch
 
 from ppd.config import PPDConfig, TrainConfig
 from ppd.train.data import PrecomputedError, PrecomputedInputs, PrecomputedManifest, TrainingSchedule
-from ppd_ray.jobs.common import JobError, config_from_args, init_ray, job_arg_parser, log
+from ppd_ray.console import JobError
+from ppd_ray.infra.mlflow_server import tracking_uri
+from ppd_ray.jobs.common import config_from_args, init_ray, job_arg_parser
 from ppd_ray.jobs.precompute import resolved_model_config
-from ppd_ray.tracking import RunLogger, close_run, open_run, tracking_uri
+from ppd_ray.tracking import RunLogger, close_run, open_run
+
+logger = logging.getLogger(__name__)
 
 TRAIN_STATE_FILE = "train_state.json"
 ADAPTER_DIR = "adapter"
@@ -194,7 +199,7 @@ class _Worker:
             if loaded is None:  # DeepSpeed reports a checkpoint it could not read by returning None
                 raise RuntimeError(f"DeepSpeed could not load checkpoint {state['tag']} from {checkpoint.path}")
         if self.rank == 0:
-            log(f"resumed from optimiser step {state['global_step']}")
+            logger.info(f"resumed from optimiser step {state['global_step']}")
         return int(state["global_step"]), checkpoint
 
     def _train(self, start_step: int) -> None:
@@ -236,7 +241,7 @@ class _Worker:
             self.tracker.log_metrics(step, metrics)
             if step % max(1, total // 20) == 0 or step == total:
                 accuracy = metrics.get("implicit_accuracy", float("nan"))
-                log(
+                logger.info(
                     f"step {step}/{total} loss {metrics['loss']:.4f} acc {accuracy:.2f} {metrics['pairs_per_s']:.0f} pairs/s"
                 )
         if step % self.cfg.train.checkpoint_every == 0 or step == total:
@@ -290,7 +295,7 @@ class _Worker:
         model_name = self.cfg.tracking.registered_model
         tags = {"method": self.cfg.train.method, "preset": self.cfg.preset}
         version = self.tracker.register(model_name, ADAPTER_DIR, tags)
-        log(f"adapter registered as {model_name} version {version}")
+        logger.info(f"adapter registered as {model_name} version {version}")
 
 
 def _micro_batches(shard, schedule: TrainingSchedule, micro_step: int, micro_batch: int) -> Iterator[Any]:
@@ -426,7 +431,7 @@ def run(cfg: PPDConfig, precomputed: Path, out: Path, tracking: str | None = Non
         train_rows = _rows_of_users(train_paths, cfg.train.users)
         if train_rows == 0:
             raise JobError(f"train.users={cfg.train.users}: none of them has a pair in {precomputed}'s train split")
-        log(f"training on the {train_rows} pairs of user(s) {cfg.train.users}")
+        logger.info(f"training on the {train_rows} pairs of user(s) {cfg.train.users}")
     try:
         schedule = TrainingSchedule.from_config(cfg.train, train_rows)
     except ValueError as err:
@@ -466,7 +471,7 @@ def run(cfg: PPDConfig, precomputed: Path, out: Path, tracking: str | None = Non
             resume_run_id=previous.get("run_id"),
         )
         _write_run_record(out, cfg, run_id)
-        log(
+        logger.info(
             f"training {cfg.train.method}: {schedule.total_steps} steps of {cfg.train.effective_batch} pairs "
             f"({cfg.train.num_workers} worker(s) x {cfg.train.micro_batch} x {schedule.accumulation} accumulation), "
             f"ZeRO-{cfg.train.zero_stage}, MLflow run {run_id} at {uri}"
@@ -503,7 +508,7 @@ def run(cfg: PPDConfig, precomputed: Path, out: Path, tracking: str | None = Non
         status = "FAILED"
         try:
             result = trainer.fit()
-            log("training finished")
+            logger.info("training finished")
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
@@ -519,7 +524,7 @@ def run(cfg: PPDConfig, precomputed: Path, out: Path, tracking: str | None = Non
     final = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
     outcome = TrainResult(adapter_dir, run_id, uri, schedule.total_steps, final, result.checkpoint.path)
     (out / SUMMARY_FILE).write_text(json.dumps({**asdict(outcome), "adapter_dir": str(adapter_dir)}, indent=2))
-    log(f"adapter -> {adapter_dir}")
+    logger.info(f"adapter -> {adapter_dir}")
     return outcome
 
 

@@ -12,6 +12,7 @@ on a Ray Data actor pool, as in the evaluate job; writes `validation.json` {vari
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -19,7 +20,10 @@ from ppd.config import ATTRIBUTES, PPDConfig
 from ppd.eval.evaluate import decode_png, read_split, score
 from ppd.eval.rewards import ToyRewards
 from ppd.eval.toy_experiments import OneRewardUsers, summarise_validation, validation_requests
-from ppd_ray.jobs.common import JobError, config_from_args, generate_images, job_arg_parser, log
+from ppd_ray.console import JobError
+from ppd_ray.jobs.common import config_from_args, generate_images, job_arg_parser
+
+logger = logging.getLogger(__name__)
 
 VALIDATION_FILE = "validation.json"
 
@@ -42,7 +46,9 @@ def run(cfg: PPDConfig, world: Path, prepared: Path, adapters: dict[str, str], o
     requests = validation_requests(users, captions, seeds, list(adapters))
     for index, request in enumerate(requests):
         request["request_id"] = index
-    log(f"validate: {len(requests)} images of {len(adapters)} adapter(s) + the base on {len(captions)} captions")
+    logger.info(
+        f"validate: {len(requests)} images of {len(adapters)} adapter(s) + the base on {len(captions)} captions"
+    )
     frame = generate_images(cfg, requests, adapters)
     images = np.stack([decode_png(p) for p in frame["png"]])
     scored = score(frame.drop(columns=["png", "embedding"]), images, ToyRewards(world))
@@ -50,7 +56,9 @@ def run(cfg: PPDConfig, world: Path, prepared: Path, adapters: dict[str, str], o
     out.mkdir(parents=True, exist_ok=True)
     (out / VALIDATION_FILE).write_text(json.dumps(results, indent=2) + "\n")
     for variant, entry in results.items():
-        log(f"validate: {variant}: mean reward {entry['mean_reward']:.3f} (base {entry['base_mean_reward']:.3f})")
+        logger.info(
+            f"validate: {variant}: mean reward {entry['mean_reward']:.3f} (base {entry['base_mean_reward']:.3f})"
+        )
     return results
 
 

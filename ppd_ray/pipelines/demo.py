@@ -11,6 +11,7 @@ Each stage is the documented entrypoint (`python -m ppd_ray.jobs.<job> ...`), su
 from __future__ import annotations
 
 import json
+import logging
 import shlex
 import shutil
 import time
@@ -22,7 +23,9 @@ from ppd.config import PPDConfig
 from ppd.eval.evaluate import POPULATION_VARIANT, upper_bound_variant
 from ppd.eval.report import render_results_markdown, target_checks
 from ppd.train.data import MANIFEST_FILE
-from ppd_ray.jobs.common import JobError, log
+from ppd_ray.console import JobError, is_progress_line
+
+logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # The pretrained tiny Stage C every run starts from (regenerate: `ppd toy pretrain-base --out assets/toy_base`).
@@ -275,7 +278,7 @@ def run_demo(
     `resume` keeps what an earlier run with the same workdir finished (the toy world, every stage whose output exists)
     and runs only the rest; it is the caller's promise that preset, overrides and seed are unchanged."""
     from ppd_ray.infra.local_cluster import local_head
-    from ppd_ray.tracking import tracking_uri
+    from ppd_ray.infra.mlflow_server import tracking_uri
 
     began = time.monotonic()
     if not (BASE_MODEL_DIR / "config.json").is_file():
@@ -283,12 +286,12 @@ def run_demo(
     workdir = workdir.resolve()
     world = workdir / "toy"
     if resume and (world / "manifest.json").is_file():
-        log(f"== toy world: kept {world} (--resume)")
+        logger.info(f"== toy world: kept {world} (--resume)")
     else:
-        log(f"== toy world ({cfg.preset}, seed {seed}) -> {world}")
+        logger.info(f"== toy world ({cfg.preset}, seed {seed}) -> {world}")
         generate_world(cfg, world, seed)
     betas = read_beta_choice(out_dir, cfg.preset)
-    log(
+    logger.info(
         f"β from {out_dir / RESULTS_DIR / BETA_CHOICE} (chosen on validation): {betas}"
         if betas
         else f"β of the preset ({cfg.train.beta:g}): no `ppd sweep beta` choice for preset {cfg.preset} in {out_dir}"
@@ -300,7 +303,7 @@ def run_demo(
         + "\n".join(stage.entrypoint for stage in plan.stages)
         + "\n"
     )
-    log(f"{len(plan.stages)} jobs planned (commands in {workdir / 'plan.sh'})")
+    logger.info(f"{len(plan.stages)} jobs planned (commands in {workdir / 'plan.sh'})")
     # Seconds per finished stage, so that a resumed run still reports the whole run's time.
     timings_path = workdir / "timings.json"
     timings: dict[str, float] = json.loads(timings_path.read_text()) if resume and timings_path.is_file() else {}
@@ -309,16 +312,16 @@ def run_demo(
         env = {"MLFLOW_TRACKING_URI": uri}
         for index, stage in enumerate(plan.stages, 1):
             if resume and stage.output is not None and stage.output.is_file():
-                log(f"== [{index}/{len(plan.stages)}] {stage.title}: done earlier, kept (--resume)")
+                logger.info(f"== [{index}/{len(plan.stages)}] {stage.title}: done earlier, kept (--resume)")
                 kept_seconds += timings.get(stage.title, 0.0)
                 continue
             started = time.monotonic()
-            log(f"== [{index}/{len(plan.stages)}] {stage.title}")
+            logger.info(f"== [{index}/{len(plan.stages)}] {stage.title}")
             outcome = cluster.submit_and_wait(stage.entrypoint, working_dir=REPO_ROOT, env_vars=env, on_log=job_line)
             timings[stage.title] = round(time.monotonic() - started, 1)
             timings_path.write_text(json.dumps(timings, indent=1) + "\n")
-            log(f"   [{index}/{len(plan.stages)}] done in {timings[stage.title]:.0f}s ({outcome.job_id})")
-        log(f"MLflow: runs in {workdir / 'mlflow'} (browse with `mlflow ui --backend-store-uri sqlite:///...`)")
+            logger.info(f"   [{index}/{len(plan.stages)}] done in {timings[stage.title]:.0f}s ({outcome.job_id})")
+        logger.info(f"MLflow: runs in {workdir / 'mlflow'} (browse with `mlflow ui --backend-store-uri sqlite:///...`)")
     results = json.loads((workdir / "eval" / "results.json").read_text())
     top_k_plot = workdir / "classifier" / "top_k.png"  # Fig. 2 analogue, drawn by the classify stage
     if top_k_plot.is_file():
@@ -332,8 +335,8 @@ def run_demo(
 
 
 def job_line(line: str) -> None:
-    # Forward the jobs' own progress lines (our `[ppd ...]` log and errors), not Ray's per-task chatter.
-    if line.startswith("[ppd") or "error" in line.lower():
+    """Forward a job's own progress lines (and errors) to the terminal, not Ray's per-task chatter."""
+    if is_progress_line(line):
         print(f"   | {line}", flush=True)
 
 

@@ -9,12 +9,12 @@ every adapter on validation captions. The β with the highest validation score p
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from ppd.config import PPDConfig
-from ppd_ray.jobs.common import log
 from ppd_ray.pipelines.demo import (
     BASE_MODEL_DIR,
     BETA_CHOICE,
@@ -25,6 +25,8 @@ from ppd_ray.pipelines.demo import (
     job_line,
     plan_demo,
 )
+
+logger = logging.getLogger(__name__)
 
 PREREQUISITES = ("prepare one-reward users", f"embed {ONE_REWARD} (onehot)", f"precompute {ONE_REWARD}")
 
@@ -51,13 +53,14 @@ def run_beta_sweep(
 ) -> dict:
     """Train every (method, β), score each on validation, choose; returns the record written to beta_sweep.json."""
     from ppd_ray.infra.local_cluster import local_head
-    from ppd_ray.tracking import close_run, log_metrics, open_run, tracking_uri
+    from ppd_ray.infra.mlflow_server import tracking_uri
+    from ppd_ray.tracking import close_run, log_metrics, open_run
 
     began = time.monotonic()
     workdir = workdir.resolve()
     world = workdir / "toy"
     if not (world / "manifest.json").is_file():
-        log(f"== toy world ({cfg.preset}, seed {seed}) -> {world}")
+        logger.info(f"== toy world ({cfg.preset}, seed {seed}) -> {world}")
         generate_world(cfg, world, seed)
     demo = plan_demo(cfg, workdir, overrides, seed, world)
     stages = [stage for stage in demo.stages if stage.title in PREREQUISITES]
@@ -67,12 +70,12 @@ def run_beta_sweep(
         env = {"MLFLOW_TRACKING_URI": uri}
 
         def submit(title: str, entrypoint: str) -> None:
-            log(f"== {title}")
+            logger.info(f"== {title}")
             cluster.submit_and_wait(entrypoint, working_dir=REPO_ROOT, env_vars=env, on_log=job_line)
 
         for stage in stages:
             if stage.output is not None and stage.output.is_file():
-                log(f"== {stage.title}: kept {stage.output}")
+                logger.info(f"== {stage.title}: kept {stage.output}")
                 continue
             submit(stage.title, stage.entrypoint)
         parent = open_run(uri, cfg.tracking.experiment, f"beta-sweep-seed{seed}", tags={"ppd.job": "sweep"})
@@ -92,7 +95,7 @@ def run_beta_sweep(
                     )
             for stage in plan.stages:
                 if stage.output is not None and stage.output.is_file():
-                    log(f"== {stage.title}: kept {stage.output}")
+                    logger.info(f"== {stage.title}: kept {stage.output}")
                     continue
                 submit(stage.title, stage.entrypoint)
             adapters_path = sweep_dir / "adapters.json"
@@ -142,7 +145,7 @@ def run_beta_sweep(
     path = out_dir / RESULTS_DIR / BETA_CHOICE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
-    log(f"chosen on validation: {chosen} -> {path}")
+    logger.info(f"chosen on validation: {chosen} -> {path}")
     return record
 
 

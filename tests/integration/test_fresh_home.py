@@ -36,8 +36,9 @@ ray.shutdown()
 # A head this client did not start: no token of ours -> one line saying what to do, no traceback.
 FOREIGN_HEAD = """
 import os, sys
-from ppd_ray.jobs.common import JobError
-from ppd_ray.infra.local_cluster import local_head, submit_job
+from ppd_ray.console import JobError
+from ppd_ray.infra.job_client import submit_job
+from ppd_ray.infra.local_cluster import local_head
 with local_head(num_cpus=1) as cluster:
     for token in (None, "0" * 64):  # none at all, then a wrong one
         if token:

@@ -10,7 +10,7 @@ import pytest
 
 from ppd.train.data import CAPTIONS_FILE, EMBEDDINGS_FILE, PrecomputedManifest
 from ppd_ray.infra.local_cluster import local_head
-from ppd_ray.jobs.common import JobError
+from ppd_ray.console import JobError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
