@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from ppd.train.data import CAPTIONS_FILE, EMBEDDINGS_FILE, PrecomputedManifest
-from ppd_ray.infra.local_cluster import local_head
 from ppd_ray.console import JobError
+from ppd_ray.infra.local_cluster import local_head
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
