@@ -18,10 +18,28 @@ LINE_PREFIX = "[ppd "
 class JobError(RuntimeError):
     """A problem the user can fix (bad input, bad config): printed as one line, never as a traceback."""
 
+    exit_code = 2
+
 
 class _ElapsedFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         return f"{LINE_PREFIX}{record.relativeCreated / 1000:7.1f}s] {record.getMessage()}"
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a line is logged (test runners swap it for each command)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(_ElapsedFormatter())
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -29,11 +47,8 @@ def setup_logging(level: int = logging.INFO) -> None:
     root = logging.getLogger(ROOT_LOGGER)
     root.setLevel(level)
     root.propagate = False  # Ray and pytest configure the root logger their own way
-    if not any(getattr(handler, "_ppd_progress", False) for handler in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(_ElapsedFormatter())
-        handler._ppd_progress = True
-        root.addHandler(handler)
+    if not any(isinstance(handler, _StderrHandler) for handler in root.handlers):
+        root.addHandler(_StderrHandler())
 
 
 def is_progress_line(line: str) -> bool:

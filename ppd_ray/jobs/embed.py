@@ -26,8 +26,8 @@ from ppd.embed import embedding_identity, load_embedder
 from ppd.embed.base import EmbeddingIdentity
 from ppd.embed.groups import GROUP_COLUMNS, groups_from_rows
 from ppd.embed.store import done_group_ids, write_part
-from ppd_ray.console import JobError
-from ppd_ray.jobs.common import config_from_args, init_ray, job_arg_parser
+from ppd_ray.console import JobError, setup_logging
+from ppd_ray.jobs.common import config_from_args, init_ray, job_arg_parser, run_job
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ class EmbedGroups:
     def __init__(self, config: dict, out_dir: str) -> None:
         from transformers.utils import logging as transformers_logging
 
+        setup_logging()  # an actor is a process of its own: its progress lines need the handler too
         transformers_logging.disable_progress_bar()  # one "Loading weights" bar per actor is noise in job logs
         self.embedder = load_embedder(PPDConfig.from_dict(config))
         self.out_dir = out_dir
@@ -220,23 +221,24 @@ def format_summary(summary: dict, out: Path) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = job_arg_parser(__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = job_arg_parser(__name__, prog)
     parser.add_argument("--prepared", required=True, type=Path, help="output folder of `ppd prepare` (reads groups/)")
-    parser.add_argument("--out", required=True, type=Path, help="folder for the embedding part files")
-    parser.add_argument("--embedder", default=None, help=f"one of {', '.join(EMBEDDERS)} (default from the preset)")
-    parser.add_argument("--model", default=None, help="VLM path (vlm-*) or CLIP vision path (pairdiff); default tiny")
+    parser.add_argument("--out", "-o", required=True, type=Path, help="folder for the embedding part files")
+    parser.add_argument(
+        "--embedder", "-e", default=None, help=f"one of {', '.join(EMBEDDERS)} (default from the preset)"
+    )
+    parser.add_argument(
+        "--model", "-m", default=None, help="VLM path (vlm-*) or CLIP vision path (pairdiff); default tiny"
+    )
     parser.add_argument("--layers", default=None, help="last | all | comma-separated hidden-state indices")
     parser.add_argument("--limit", type=int, default=None, help="embed at most this many not-yet-done groups")
-    args = parser.parse_args(argv)
-    try:
+
+    def job(args) -> str:
         cfg = with_embed_args(config_from_args(args), args.embedder, args.model, args.layers)
-        summary = run(cfg, args.prepared, args.out, args.limit)
-    except JobError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(format_summary(summary, args.out))
-    return 0
+        return format_summary(run(cfg, args.prepared, args.out, args.limit), args.out)
+
+    return run_job(parser, argv, job)
 
 
 if __name__ == "__main__":

@@ -40,18 +40,9 @@ from ppd.eval.evaluate import (
 from ppd.eval.report import interpolation_plot, sample_grid, win_rate_bars
 from ppd.eval.rewards import ToyRewards
 from ppd_ray.console import JobError
-from ppd_ray.jobs.common import config_from_args, generate_images, job_arg_parser
+from ppd_ray.jobs.common import config_from_args, generate_images, job_arg_parser, read_json_file, run_job
 
 logger = logging.getLogger(__name__)
-
-
-def _read_json(path: Path | None, what: str) -> dict:
-    if path is None:
-        return {}
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise JobError(f"cannot read {what} {path}: {err}") from None
 
 
 def _check_adapters(adapters: dict[str, str]) -> None:
@@ -319,15 +310,15 @@ def flatten_numbers(tree: dict, prefix: str = "") -> list[tuple[str, float]]:
     return items
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = job_arg_parser(__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = job_arg_parser(__name__, prog)
     parser.add_argument(
         "--world", type=Path, default=None, help="toy world folder (its hidden rewards score); none = real data"
     )
     parser.add_argument("--prepared", type=Path, default=None, help="real data: output folder of the preparation job")
     parser.add_argument("--embeddings", type=Path, default=None, help="real data: output folder of the embedding job")
     parser.add_argument("--splits", default="test_seen,test_unseen", help="real data: comma-separated splits")
-    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--out", "-o", required=True, type=Path, help="folder for results.json, scores and plots")
     parser.add_argument("--adapters", type=Path, default=None, help="JSON file {variant: adapter folder}")
     parser.add_argument(
         "--adapter",
@@ -337,47 +328,37 @@ def main(argv: list[str] | None = None) -> int:
         metavar="VARIANT=FOLDER",
         help="an adapter to evaluate (repeatable; beside or instead of --adapters)",
     )
-    parser.add_argument("--one-reward-prepared", type=Path, default=None)
-    parser.add_argument("--population-prepared", type=Path, default=None)
-    parser.add_argument("--population-embeddings", type=Path, default=None)
-    parser.add_argument("--classifier", type=Path, default=None, help="classifier JSON from `ppd embed classify`")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    try:
+    parser.add_argument("--one-reward-prepared", type=Path, default=None, help="prepared one-reward users (Sec. 5.1)")
+    parser.add_argument("--population-prepared", type=Path, default=None, help="prepared population (Sec. 5.2)")
+    parser.add_argument("--population-embeddings", type=Path, default=None, help="embeddings of the population")
+    parser.add_argument("--classifier", type=Path, default=None, help="classifier.json of `ppd embed classify`")
+    parser.add_argument("--seed", type=int, default=0, help="seed of captions, users and generation")
+
+    def job(args) -> str:
         cfg = config_from_args(args)
-        adapters = {**_read_json(args.adapters, "adapters file"), **_adapter_items(args.adapter_items)}
+        adapters = {**read_json_file(args.adapters, "adapters file"), **_adapter_items(args.adapter_items)}
         if not adapters:
             raise JobError("name the adapters to evaluate: --adapters FILE and/or --adapter VARIANT=FOLDER")
         if args.world is None:
             if args.prepared is None or args.embeddings is None:
                 raise JobError("real data needs --prepared and --embeddings (or give --world for the toy world)")
-            results = run_real(
+            splits = tuple(s for s in args.splits.split(",") if s)
+            results = run_real(cfg, args.prepared, args.embeddings, args.out, adapters, splits, args.seed)
+        else:
+            results = run(
                 cfg,
-                args.prepared,
-                args.embeddings,
+                args.world,
                 args.out,
                 adapters,
-                tuple(s for s in args.splits.split(",") if s),
+                args.one_reward_prepared,
+                args.population_prepared,
+                args.population_embeddings,
+                read_json_file(args.classifier, "classifier results") or None,
                 args.seed,
             )
-            print(json.dumps({k: v for k, v in results.items() if k != "figures"}, indent=1)[:4000])
-            return 0
-        results = run(
-            cfg,
-            args.world,
-            args.out,
-            adapters,
-            args.one_reward_prepared,
-            args.population_prepared,
-            args.population_embeddings,
-            _read_json(args.classifier, "classifier results") or None,
-            args.seed,
-        )
-    except JobError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps({k: v for k, v in results.items() if k != "figures"}, indent=1)[:4000])
-    return 0
+        return json.dumps({k: v for k, v in results.items() if k != "figures"}, indent=1)[:4000]
+
+    return run_job(parser, argv, job)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ from ppd.train.precompute import (
     plan_training_rows,
 )
 from ppd_ray.console import JobError
-from ppd_ray.jobs.common import config_from_args, init_ray, job_arg_parser
+from ppd_ray.jobs.common import config_from_args, init_ray, job_arg_parser, run_job
 
 logger = logging.getLogger(__name__)
 
@@ -327,21 +327,18 @@ def _write_split(
     return SplitFiles(rows=sum(n for _, _, n, _ in written), files=files_in_order)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = job_arg_parser(__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = job_arg_parser(__name__, prog)
     parser.add_argument("--prepared", required=True, type=Path, help="output folder of the preparation job")
     parser.add_argument("--embeddings", required=True, type=Path, help="output folder of the embedding job")
-    parser.add_argument("--out", required=True, type=Path, help="output folder of the precomputed inputs")
+    parser.add_argument("--out", "-o", required=True, type=Path, help="output folder of the precomputed inputs")
     parser.add_argument("--splits", default=",".join(DEFAULT_SPLITS), help="comma-separated splits to precompute")
-    args = parser.parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-        manifest = run(cfg, args.prepared, args.embeddings, args.out, tuple(args.splits.split(",")))
-    except JobError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(format_manifest(manifest, args.out))
-    return 0
+
+    def job(args) -> str:
+        manifest = run(config_from_args(args), args.prepared, args.embeddings, args.out, tuple(args.splits.split(",")))
+        return format_manifest(manifest, args.out)
+
+    return run_job(parser, argv, job)
 
 
 def format_manifest(manifest: PrecomputedManifest, out: Path) -> str:

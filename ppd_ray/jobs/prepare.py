@@ -26,7 +26,7 @@ from ppd.config import DataConfig, PPDConfig
 from ppd.data.prepare import SPLITS, accounting, plan_preparation, preferred_index, row_rejections
 from ppd.data.schema import check_schema, conform
 from ppd_ray.console import JobError
-from ppd_ray.jobs.common import config_from_args, init_ray, job_arg_parser
+from ppd_ray.jobs.common import config_from_args, init_ray, job_arg_parser, run_job
 
 logger = logging.getLogger(__name__)
 
@@ -265,20 +265,26 @@ def format_accounting(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = job_arg_parser(__doc__.splitlines()[0])
-    parser.add_argument("--input", required=True, type=Path, help="a Pick-a-Pic v2 parquet file or folder of shards")
-    parser.add_argument("--out", required=True, type=Path, help="output folder for splits, groups and accounting.json")
-    args = parser.parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-        report = run(cfg, args.input, args.out)
-    except JobError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(format_accounting(report))
-    print(f"wrote {args.out}/{{{','.join(SPLITS)}}}, {args.out}/groups, {args.out}/accounting.json")
-    return 0
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = job_arg_parser(__name__, prog)
+    parser.add_argument(
+        "--input", "-i", required=True, type=Path, help="a Pick-a-Pic v2 parquet file or folder of shards"
+    )
+    parser.add_argument(
+        "--out", "-o", required=True, type=Path, help="output folder: <split>/, groups/, accounting.json"
+    )
+    parser.add_argument("--shots", type=int, default=None, help="pairs per few-shot group (default from the preset: 4)")
+    parser.add_argument(
+        "--seed", type=int, default=None, help="seed of the splits and groups (default from the preset)"
+    )
+
+    def job(args) -> str:
+        shortcuts = [f"data.shots={args.shots}"] * (args.shots is not None)
+        shortcuts += [f"data.seed={args.seed}"] * (args.seed is not None)
+        report = run(config_from_args(args, *shortcuts), args.input, args.out)
+        return f"{format_accounting(report)}\nwrote {args.out}/{{{','.join(SPLITS)}}}, {args.out}/groups, {args.out}/accounting.json"
+
+    return run_job(parser, argv, job)
 
 
 if __name__ == "__main__":

@@ -32,9 +32,9 @@ import torch
 
 from ppd.config import PPDConfig, TrainConfig
 from ppd.train.data import PrecomputedError, PrecomputedInputs, PrecomputedManifest, TrainingSchedule
-from ppd_ray.console import JobError
+from ppd_ray.console import JobError, setup_logging
 from ppd_ray.infra.mlflow_server import tracking_uri
-from ppd_ray.jobs.common import config_from_args, init_ray, job_arg_parser
+from ppd_ray.jobs.common import config_from_args, init_ray, job_arg_parser, run_job
 from ppd_ray.jobs.precompute import resolved_model_config
 from ppd_ray.tracking import RunLogger, close_run, open_run
 
@@ -99,7 +99,7 @@ def deepspeed_config(train: TrainConfig) -> dict[str, Any]:
 def train_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train worker loop (runs on every rank)."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(DEFAULT_TORCH_EXTENSIONS_DIR))
-    import logging
+    setup_logging()  # a Train worker is a process of its own: rank 0's progress lines need the handler too
 
     import deepspeed
     import ray.train
@@ -528,8 +528,10 @@ def run(cfg: PPDConfig, precomputed: Path, out: Path, tracking: str | None = Non
     return outcome
 
 
-class TrainingFailed(RuntimeError):
+class TrainingFailed(JobError):
     """Training failed in the workers (after `train.max_failures` restarts)."""
+
+    exit_code = 1
 
 
 def _ordered_execution():
@@ -585,23 +587,19 @@ def _write_run_record(out: Path, cfg: PPDConfig, run_id: str) -> None:
     (out / RUN_RECORD).write_text(json.dumps({"run_id": run_id, "config_digest": _config_digest(cfg)}, indent=2))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = job_arg_parser(__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = job_arg_parser(__name__, prog)
     parser.add_argument("--precomputed", required=True, type=Path, help="output folder of the precompute job")
-    parser.add_argument("--out", required=True, type=Path, help="run folder: adapter/, summary.json, checkpoints")
+    parser.add_argument("--out", "-o", required=True, type=Path, help="run folder: adapter/, summary.json, checkpoints")
+    parser.add_argument("--method", default=None, help="ppd, dpo or sft (default: the preset's train.method)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: config, else loopback)")
-    args = parser.parse_args(argv)
-    try:
-        cfg = config_from_args(args)
+
+    def job(args) -> str:
+        cfg = config_from_args(args, *[f"train.method={args.method}"] * (args.method is not None))
         result = run(cfg, args.precomputed, args.out, args.tracking_uri)
-    except JobError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except TrainingFailed as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"adapter {result.adapter_dir}  MLflow run {result.run_id}  ({result.steps} steps)")
-    return 0
+        return f"adapter {result.adapter_dir}  MLflow run {result.run_id}  ({result.steps} steps)"
+
+    return run_job(parser, argv, job)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from ppd.eval.evaluate import decode_png, read_split, score
 from ppd.eval.rewards import ToyRewards
 from ppd.eval.toy_experiments import OneRewardUsers, summarise_validation, validation_requests
 from ppd_ray.console import JobError
-from ppd_ray.jobs.common import config_from_args, generate_images, job_arg_parser
+from ppd_ray.jobs.common import config_from_args, generate_images, job_arg_parser, read_json_file, run_job
 
 logger = logging.getLogger(__name__)
 
@@ -62,26 +62,20 @@ def run(cfg: PPDConfig, world: Path, prepared: Path, adapters: dict[str, str], o
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = job_arg_parser(__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = job_arg_parser(__name__, prog)
     parser.add_argument("--world", required=True, type=Path, help="the toy world folder (its hidden rewards score)")
     parser.add_argument("--prepared", required=True, type=Path, help="prepared one-reward users (validation split)")
     parser.add_argument("--adapters", required=True, type=Path, help="JSON {variant: adapter folder}")
-    parser.add_argument("--out", required=True, type=Path, help="folder for validation.json")
+    parser.add_argument("--out", "-o", required=True, type=Path, help="folder for validation.json")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generation")
-    args = parser.parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-        try:
-            adapters = json.loads(args.adapters.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise JobError(f"cannot read --adapters {args.adapters}: {err}") from None
-        run(cfg, args.world, args.prepared, adapters, args.out, args.seed)
-    except JobError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out / VALIDATION_FILE}")
-    return 0
+
+    def job(args) -> str:
+        adapters = read_json_file(args.adapters, "--adapters")
+        run(config_from_args(args), args.world, args.prepared, adapters, args.out, args.seed)
+        return f"wrote {args.out / VALIDATION_FILE}"
+
+    return run_job(parser, argv, job)
 
 
 if __name__ == "__main__":

@@ -155,9 +155,7 @@ def plan_demo(
     plan.add(
         "classify population users from their embeddings",
         w / "classifier" / "classifier.json",
-        "ppd_ray.cli.main",
-        "embed",
-        "classify",
+        "ppd_ray.jobs.classify",
         "--embeddings",
         embeddings / POPULATION,
         "--out",
