@@ -334,24 +334,15 @@ def measure_kill(
 # --- a local app -------------------------------------------------------------------------------------------------
 
 
-def random_adapter(cfg, directory: Path, value_std: float = 0.5, seed: int = 1, base_model: Path | None = None) -> Path:
-    """An adapter with random non-zero W'_v (adapter on != off) for the embedder's [N, d] embeddings, on the tiny
-    random Stage C or on `base_model` (a tiny Stage C folder such as assets/toy_base, recorded as the adapter's base)."""
-    import torch
-
-    from ppd.models.checkpoint import save_adapter
-    from ppd.models.factory import build_personalized_stage_c
+def random_adapter(cfg, directory: Path, base_model: Path | None = None) -> Path:
+    """A ppd adapter with random non-zero W'_v (adapter on != off) for the tiny embedder's [N, d] embeddings, on the
+    tiny random Stage C or on `base_model` (a tiny Stage C folder such as assets/toy_base, recorded as its base)."""
+    from ppd.models.factory import save_random_adapter
 
     model_cfg = cfg.model
     if base_model is not None:
         model_cfg = model_cfg.model_copy(update={"stage_c_path": str(Path(base_model).resolve())})
-    model = build_personalized_stage_c(model_cfg, (cfg.data.shots, 64))  # pairdiff tiny: [N = shots, 64]
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for kv in model.adapter.user_kv.values():
-            kv.to_v.weight.copy_(value_std * torch.randn(kv.to_v.weight.shape, generator=generator))
-    base = "tiny" if base_model is None else model_cfg.stage_c_path
-    return save_adapter(model, directory, architecture="tiny", base_model=base, train_method="ppd")
+    return save_random_adapter(model_cfg, directory, (cfg.data.shots, 64))  # pairdiff tiny: [N = shots, 64]
 
 
 def deploy(cfg, port: int) -> str:

@@ -38,7 +38,7 @@ class AdapterCheckpointMeta(BaseModel):
     adapter: AdapterConfig
     architecture: str = Field(description="Stage C architecture the adapter was trained on")
     base_model: str = Field(description="path or hub id of the Stage C weights (or 'tiny' for the local tiny model)")
-    train_method: Literal["ppd", "dpo", "sft"] = Field(description="dpo adapters expect the zero user embedding")
+    train_method: Literal["ppd", "dpo", "sft"] = Field(description="dpo adapters condition on the one population user")
     extra: dict[str, Any] = Field(default_factory=dict, description="free-form provenance (step, run id, ...)")
 
     @property

@@ -198,3 +198,25 @@ def parameter_report(model: PersonalizedStageC) -> dict[str, int]:
         **adapter_counts,
         "w_k_plus_w_v": adapter_counts["w_k"] + adapter_counts["w_v"],
     }
+
+
+def save_random_adapter(
+    cfg: ModelConfig,
+    directory: str | Path,
+    embedding_shape: tuple[int, int],
+    *,
+    method: str = "ppd",
+    value_std: float = 0.5,
+    seed: int = 1,
+) -> Path:
+    """An untrained adapter whose W'_v is random instead of zero (so the adapter on differs from off), saved as a
+    checkpoint of `method` on `cfg`'s Stage C: a stand-in for a trained adapter in load tests and benchmarks."""
+    from ppd.models.checkpoint import save_adapter
+
+    model = build_personalized_stage_c(cfg, embedding_shape)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for kv in model.adapter.user_kv.values():
+            kv.to_v.weight.copy_(value_std * torch.randn(kv.to_v.weight.shape, generator=generator))
+    base_model = cfg.stage_c_path or "tiny"
+    return save_adapter(model, directory, architecture=cfg.architecture, base_model=base_model, train_method=method)

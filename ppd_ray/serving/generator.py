@@ -2,9 +2,10 @@
 
 Each request (`GenerationJob`) brings its own caption, seeds, user scale and user: one embedding, a weighted mix
 of embeddings, or none (the base model: its rows get s = 0, which is exactly the base). `@serve.batch` gathers
-concurrent requests; rows with the same (steps, guidance) go through one `generate_images` call with per-row
-users, scales and seeds, so a row's image does not depend on the batch it landed in (up to float round-off).
-The adapter is read from safetensors only (`ppd.models.checkpoint`), through the evaluation's `VariantGenerator`.
+concurrent requests; rows with the same (steps, guidance) go through one call of the evaluation's generator
+(`ppd.eval.generate.VariantGenerator`: the one generation path of evaluation, training grids and serving) with
+per-row users, scales and seeds, so a row's image does not depend on the batch it landed in (up to float
+round-off). The adapter is read from safetensors only (`ppd.models.checkpoint`).
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from ray import serve
 
 from ppd.config import PPDConfig
 from ppd.eval.generate import VariantGenerator
-from ppd.eval.rewards import png_bytes, to_uint8_images
+from ppd.eval.rewards import png_bytes
 from ppd.models.checkpoint import AdapterCheckpointMeta, read_adapter_checkpoint
-from ppd.sample import generate_images, mix_user_embeddings
+from ppd.sample import mix_user_embeddings
 
 CAPTION_CACHE_SIZE = 4096
 
@@ -119,34 +120,16 @@ class ImageGenerator:
     def _sample(self, jobs: list[GenerationJob], steps: int, guidance: float) -> list[bytes]:
         captions = [job.caption for job in jobs for _ in job.seeds]
         seeds = [seed for job in jobs for seed in job.seeds]
-        hidden, pooled = self.variant.encode_captions(captions)  # [B, S, C_t], [B, 1, C_t]
-        users, scales = None, torch.zeros(len(seeds))  # [B]
-        if any(job.users is not None for job in jobs):
-            rows = []
-            for job in jobs:
-                user = self._user_embedding(job)  # [L, d]
-                rows.extend([user] * len(job.seeds))
-            users = torch.stack(rows)  # [B, L, d]
-            scales = torch.tensor([0.0 if job.users is None else job.user_scale for job in jobs for _ in job.seeds])
-        images = generate_images(
-            self.variant.model,
-            self.variant.decoder,
-            hidden,
-            pooled,
-            seeds=seeds,
-            latent_shape=self.variant.latent_shape,
-            user_embedding=users,
-            user_scale=scales if users is not None else 0.0,
-            steps=steps,
-            guidance=guidance,
-            unconditional_text=self.variant.encoder.unconditional_text(),
-        )  # [B, 3, H, W]
+        # Every row gets a user; the rows of a job without one get zeros at s = 0, which is exactly the base model.
+        users = torch.stack([self._user_embedding(job) for job in jobs for _ in job.seeds])  # [B, L, d]
+        scales = torch.tensor([0.0 if job.users is None else job.user_scale for job in jobs for _ in job.seeds])  # [B]
+        images = self.variant.generate(captions, seeds, users, scales, steps=steps, guidance=guidance)  # [B, H, W, 3]
         self.sampler_calls += 1
-        return [png_bytes(image) for image in to_uint8_images(images)]
+        return [png_bytes(image) for image in images]
 
     def _user_embedding(self, job: GenerationJob) -> torch.Tensor:
         if job.users is None:
-            return torch.zeros(self.embedding_shape)  # s = 0 on this row: the base model exactly
+            return torch.zeros(self.embedding_shape)  # read at s = 0 only
         embeddings = torch.as_tensor(np.stack(job.users), dtype=torch.float32)  # [K, L, d]
         if job.weights is None:
             return embeddings[0]
