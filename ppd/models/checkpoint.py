@@ -6,6 +6,7 @@ format or version, no weights whose names or shapes differ from what the JSON de
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -122,3 +123,12 @@ def load_adapter(
         )
     model.adapter.load_state_dict(weights, strict=True)
     return meta
+
+
+def frozen_base_digest(model: PersonalizedStageC) -> str:
+    """sha256 over the frozen base's state dict (names and bytes, in name order): training must never change it."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.base.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -147,6 +147,18 @@ def load_tiny_stage_ba_decoder(cache_dir: str | Path, device: torch.device | str
     return load_stage_ba_decoder(tiny_models_dir(cache_dir), TINY_STAGE_B_SCALE, device=device)
 
 
+def resolved_model_config(cfg: ModelConfig) -> ModelConfig:
+    """`cfg` with its local paths made absolute: Ray workers do not run in the driver's directory.
+
+    The tiny-model cache always; weights paths when they name a local directory (hub ids stay as they are)."""
+    update = {"cache_dir": str(Path(cfg.cache_dir).resolve())}
+    for field in ("stage_c_path", "decoder_path"):
+        value = getattr(cfg, field)
+        if value is not None and Path(value).exists():
+            update[field] = str(Path(value).resolve())
+    return cfg.model_copy(update=update)
+
+
 def latent_shape(cfg: ModelConfig) -> tuple[int, int, int]:
     """Stage C latent [C, H, W] of `cfg` (12 x 8 x 8 for the toy world, 16 x 24 x 24 for 1024 px)."""
     return (stage_c_unet_config(cfg.architecture)["in_channels"], cfg.latent_size, cfg.latent_size)

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -35,6 +35,7 @@ CAPTIONS_FILE = "captions.safetensors"
 CAPTIONS_INDEX = "captions.parquet"
 EMBEDDINGS_FILE = "user_embeddings.safetensors"
 EMBEDDINGS_INDEX = "user_embeddings.parquet"
+T = TypeVar("T")
 FORMAT = "ppd-precomputed"
 FORMAT_VERSION = 1
 
@@ -276,6 +277,21 @@ class PrecomputedInputs:
         if self.user_embeddings.shape("user_embedding") != embedding_shape:
             raise PrecomputedError(f"{self.user_embeddings.path}: user_embedding is not {embedding_shape}")
 
+    def caption_texts(self, count: int) -> list[str]:
+        """The captions of the first `count` caption rows, as text."""
+        import pandas as pd
+
+        index = pd.read_parquet(self.directory / CAPTIONS_INDEX).sort_values("caption_index")
+        return index["caption"].head(count).tolist()
+
+    def first_users(self, count: int) -> tuple[list[int], torch.Tensor]:
+        """Up to `count` users (in embedding-table order) and one stored embedding of each [U, L, d]."""
+        import pandas as pd
+
+        users = pd.read_parquet(self.directory / EMBEDDINGS_INDEX).drop_duplicates("user_id").head(count)
+        embeddings = self.user_embeddings.rows("user_embedding", users["embedding_index"].to_numpy())
+        return users["user_id"].astype(int).tolist(), embeddings.float()
+
     def batch(self, rows: pa.Table | Mapping[str, Any], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """Pair rows (a pyarrow table or dict of columns) -> {latents_win, latents_lose [B, C, H, W], clip_text_hidden
         [B, S, C_t], clip_text_pooled [B, 1, C_t], user_embedding [B, L, d]}, all float32 on `device`."""
@@ -376,6 +392,40 @@ class TrainingSchedule:
     def position(self, micro_step: int) -> tuple[int, int]:
         """(epoch, micro-batch index within the epoch) of micro-step `micro_step` (0-based)."""
         return divmod(micro_step, self.micro_batches_per_epoch)
+
+    def remaining_micro_batches(self, read_epoch: Callable[[], Iterable[T]], micro_step: int) -> Iterator[T]:
+        """This worker's micro-batches from micro-step `micro_step` to the end of the schedule.
+
+        `read_epoch()` yields one pass over the worker's rows in micro-batches, in the same order every time; the
+        micro-batches consumed before `micro_step` (by the run this one resumes) are skipped."""
+        _, skip = self.position(micro_step)
+        while micro_step < self.total_micro_steps:
+            for index, rows in enumerate(read_epoch()):
+                if index < skip:
+                    continue
+                if index >= self.micro_batches_per_epoch or micro_step >= self.total_micro_steps:
+                    break
+                yield rows
+                micro_step += 1
+            skip = 0
+
+
+# --- a few users' pairs (the per-reward DPO upper bounds train on one user) ---------------------------------------
+
+
+def count_user_rows(paths: Sequence[str], users: Sequence[int]) -> int:
+    """Pairs of `users` in the precomputed split files `paths` (reads only the user_id column)."""
+    import pyarrow.parquet as pq
+
+    user_ids = pq.read_table(list(paths), columns=["user_id"]).column("user_id").to_numpy()
+    return int(np.isin(user_ids, users).sum())
+
+
+def keep_users(rows: pa.Table, users: Sequence[int]) -> pa.Table:
+    """The rows of `users`, in their order (row order is what makes a resumed run read the same pairs)."""
+    import pyarrow.compute as pc
+
+    return rows.filter(pc.is_in(rows.column("user_id"), pa.array(users, rows.column("user_id").type)))
 
 
 # --- randomness ---------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import torch
 
 from ppd.config import ModelConfig, PPDConfig
 from ppd.data.prepare import SPLITS
-from ppd.models.factory import latent_shape
+from ppd.models.factory import latent_shape, resolved_model_config
 from ppd.train.data import (
     CAPTIONS_FILE,
     CAPTIONS_INDEX,
@@ -56,18 +56,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_SPLITS = ("train",)  # what training reads; add validation etc. for held-out losses
 _META_COLUMNS = ["pair_id", "user_id", "caption", "condition_group_id"]
 _IMAGE_COLUMNS = ["pair_id", "jpg_0", "jpg_1", "preferred"]
-
-
-def resolved_model_config(cfg: ModelConfig) -> ModelConfig:
-    """`cfg` with its local paths made absolute: Ray workers do not run in the driver's directory.
-
-    The tiny-model cache always; weights paths when they name a local directory (hub ids stay as they are)."""
-    update = {"cache_dir": str(Path(cfg.cache_dir).resolve())}
-    for field in ("stage_c_path", "decoder_path"):
-        value = getattr(cfg, field)
-        if value is not None and Path(value).exists():
-            update[field] = str(Path(value).resolve())
-    return cfg.model_copy(update=update)
 
 
 class CaptionStage:
