@@ -1,6 +1,6 @@
 """`ppd check-real`: every job of a cluster preset on the real checkpoints' layouts, checked on this machine's CPU.
 
-The checks are `ppd.check_real`; this command picks the presets, hands in Serve's generator (`ppd_ray/serving/` imports Ray,
+The checks are `ppd.check.real`; this command picks the presets, hands in Serve's generator (`ppd_ray/serving/` imports Ray,
 so `ppd` cannot) and prints one line per check. Exit status 2 when any check fails.
 """
 
@@ -46,7 +46,7 @@ def check_real_command(
     as_json: Annotated[bool, typer.Option("--json", help="print the reports as JSON")] = False,
 ) -> None:
     """Check that a cluster preset runs on the real checkpoints' layouts (meta device + reduced depth, no download)."""
-    from ppd.check_real import STAGES, CheckFailed, check_real
+    from ppd.check.real import STAGES, CheckFailed, check_real
 
     names = preset or cluster_presets()
     stages = tuple(stage or STAGES)

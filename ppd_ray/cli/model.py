@@ -10,8 +10,8 @@ import typer
 
 from ppd.config import PRESETS, ConfigError, load_config
 from ppd.models.factory import build_meta_personalized_stage_c, parameter_report
-from ppd.models.plan import PICKAPIC_TRAIN_PAIRS, plan_training
 from ppd.models.stage_c import ARCHITECTURES
+from ppd.train.sizing import PICKAPIC_TRAIN_PAIRS, size_training
 
 model_app = typer.Typer(help="Inspect Stage C architectures and the user adapter.", no_args_is_help=True)
 
@@ -97,7 +97,7 @@ def plan(
     overrides: Annotated[
         list[str] | None, typer.Option("--set", "-s", help="override a config field, e.g. --set train.micro_batch=8")
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print JSON (layout: ppd/models/plan.py)")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON (layout: ppd/train/sizing.py)")] = False,
 ) -> None:
     """Size a preset's training on the meta device: parameters, FLOPs per DPO pair, memory per GPU, epoch time."""
     if preset not in PRESETS:
@@ -108,7 +108,7 @@ def plan(
         raise typer.BadParameter(str(err)) from None
     shape = _parse_shape(embedding_shape) if embedding_shape else DEFAULT_EMBEDDING_SHAPES[cfg.model.architecture]
     try:
-        report = plan_training(cfg, shape, pairs=pairs).to_dict()
+        report = size_training(cfg, shape, pairs=pairs).to_dict()
     except ValueError as err:  # e.g. train.method=sft: no DPO pair to size
         raise typer.BadParameter(str(err)) from None
     typer.echo(json.dumps(report, indent=2) if as_json else format_plan(report))

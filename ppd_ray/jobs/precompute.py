@@ -45,8 +45,8 @@ from ppd.train.data import (
 from ppd.train.precompute import (
     caption_index,
     encode_pairs,
+    join_training_rows,
     load_latent_encoder,
-    plan_training_rows,
 )
 from ppd_ray.console import JobError
 from ppd_ray.jobs.common import config_from_args, init_ray, job_arg_parser, run_job
@@ -79,19 +79,19 @@ class CaptionStage:
 class LatentStage:
     """Ray Data stage: prepared rows with image bytes -> precomputed pair rows (encoder loaded once per actor)."""
 
-    def __init__(self, model: dict[str, Any], plan_ref: Any) -> None:
+    def __init__(self, model: dict[str, Any], rows_ref: Any) -> None:
         import ray  # workers only
 
         model_cfg = ModelConfig.model_validate(model)
         self.encoder = load_latent_encoder(model_cfg)  # on this actor's GPU when it has one
         self.latent_shape = latent_shape(model_cfg)  # [C, H, W] Stage C reads
         self.latent_dtype = model_cfg.dtype  # bf16 models: bf16 latents (half the bytes through the sort and on disk)
-        plan: pa.Table = ray.get(plan_ref)
-        self.plan = plan.to_pandas().set_index("pair_id")
+        rows: pa.Table = ray.get(rows_ref)
+        self.rows = rows.to_pandas().set_index("pair_id")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        # Pairs the plan left out (no condition group, no embedding) are dropped before any image is decoded.
-        planned = batch.filter(pc.is_in(batch.column("pair_id"), pa.array(self.plan.index.to_numpy())))
+        # Pairs the join left out (no condition group, no embedding) are dropped before any image is decoded.
+        planned = batch.filter(pc.is_in(batch.column("pair_id"), pa.array(self.rows.index.to_numpy())))
         pair_ids = planned.column("pair_id").to_numpy()
         latents = encode_pairs(
             planned.column("jpg_0").to_pylist(),
@@ -104,7 +104,7 @@ class LatentStage:
             raise ValueError(
                 f"encoded latents {list(latents.latents_win.shape[1:])}, Stage C reads {self.latent_shape}"
             )
-        rows = self.plan.loc[kept_ids]
+        rows = self.rows.loc[kept_ids]
         width = int(np.prod(self.latent_shape))
         columns = {
             "pair_id": pa.array(kept_ids, pa.int64()),
@@ -172,14 +172,14 @@ def run(
     catalog = load_embedding_catalog(embeddings_path)  # keys and shapes only: the vectors are streamed below
     captions = caption_index(pairs["caption"])
     try:
-        plan, embedding_index, skipped = plan_training_rows(pairs, catalog, captions, cfg.data.seed)
+        joined, embedding_index, skipped = join_training_rows(pairs, catalog, captions, cfg.data.seed)
     except ValueError as err:
         raise JobError(str(err)) from None
     present = tuple(s for s in splits if s in set(pairs["split"]))
     for split in present:
         left_out = ", ".join(f"{k} {v}" for k, v in skipped[split].items() if v) or "none"
-        logger.info(f"{split}: {int((plan['split'] == split).sum())} trainable pairs (left out: {left_out})")
-    if not (plan["split"] == "train").any():
+        logger.info(f"{split}: {int((joined['split'] == split).sum())} trainable pairs (left out: {left_out})")
+    if not (joined["split"] == "train").any():
         raise JobError(
             f"no trainable train pair: {skipped['train']} (do the embeddings in {embeddings_path} belong to {prepared}?)"
         )
@@ -197,13 +197,13 @@ def run(
     }
     text_shape, pooled_dim = _write_caption_table(captions, model, out, encoder_actors)
     _write_embedding_table(embedding_index, embeddings_path, out)
-    plan_ref = ray.put(pa.Table.from_pandas(plan.drop(columns="split"), preserve_index=False))
+    rows_ref = ray.put(pa.Table.from_pandas(joined.drop(columns="split"), preserve_index=False))
     split_files = {}
     for split in present:
-        own = plan[plan["split"] == split]
+        own = joined[joined["split"] == split]
         if own.empty:
             continue
-        split_files[split] = _write_split(prepared, split, out, model, plan_ref, encoder_actors)
+        split_files[split] = _write_split(prepared, split, out, model, rows_ref, encoder_actors)
         skipped[split]["undecodable_image"] = len(own) - split_files[split].rows
         logger.info(f"{split}: wrote {split_files[split].rows} pairs in {len(split_files[split].files)} file(s)")
     manifest = PrecomputedManifest(
@@ -279,7 +279,7 @@ def _write_embedding_table(index, embeddings_path: Path, out: Path) -> None:
 
 
 def _write_split(
-    prepared: Path, split: str, out: Path, model: ModelConfig, plan_ref, actors: dict[str, Any]
+    prepared: Path, split: str, out: Path, model: ModelConfig, rows_ref, actors: dict[str, Any]
 ) -> SplitFiles:
     import ray
 
@@ -290,7 +290,7 @@ def _write_split(
         .select_columns(_IMAGE_COLUMNS)
         .map_batches(
             LatentStage,
-            fn_constructor_kwargs={"model": model.model_dump(), "plan_ref": plan_ref},
+            fn_constructor_kwargs={"model": model.model_dump(), "rows_ref": rows_ref},
             batch_format="pyarrow",
             **actors,
         )

@@ -4,7 +4,7 @@
         python -m ppd_ray.jobs.prepare --input toy/pairs/population --out prepared/population
 
 Shards stream through Ray Data twice (check rows, then write them out annotated); the split and group decisions are
-made once on the driver from a small metadata table (`ppd.data.prepare.plan_preparation`). Every input row ends in
+made once on the driver from a small metadata table (`ppd.data.prepare.assign_splits`). Every input row ends in
 a split or in a counted rejection; accounting.json proves it (input_rows == sum(kept) + sum(rejected)).
 """
 
@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ppd.config import DataConfig, PPDConfig
-from ppd.data.prepare import SPLITS, accounting, plan_preparation, preferred_index, row_rejections
+from ppd.data.prepare import SPLITS, accounting, assign_splits, preferred_index, row_rejections
 from ppd.data.schema import check_schema, conform
 from ppd_ray.console import JobError
 from ppd_ray.jobs.common import config_from_args, init_ray, job_arg_parser, run_job
@@ -92,14 +92,15 @@ def scan_shard(batch: dict[str, np.ndarray], check_images: bool) -> dict[str, li
     }
 
 
-def write_shard(batch: dict[str, np.ndarray], out: str, plan_ref) -> dict[str, list]:
-    """Ray Data stage 2: one shard in, its rows written to out/<split>/ annotated with the plan; counts out."""
+def write_shard(batch: dict[str, np.ndarray], out: str, assignment_ref) -> dict[str, list]:
+    """Ray Data stage 2: one shard in, its rows written to out/<split>/ annotated with their split and groups; counts out."""
     import ray  # workers only
 
     path, first, index = str(batch["path"][0]), int(batch["first_pair_id"][0]), int(batch["index"][0])
     table = _read_shard(path)
-    plan: pa.Table = ray.get(plan_ref)
-    own = plan.slice(first, table.num_rows)  # plan rows are sorted by pair_id and pair ids are contiguous per shard
+    assignment: pa.Table = ray.get(assignment_ref)
+    # Assignment rows are sorted by pair_id, and pair ids are contiguous per shard.
+    own = assignment.slice(first, table.num_rows)
     annotated = (
         table.append_column("pair_id", own.column("pair_id"))
         .append_column("split", own.column("split"))
@@ -179,43 +180,43 @@ def run(cfg: PPDConfig, input_path: Path, out: Path) -> dict:
         meta = pd.DataFrame(
             columns=["pair_id", "file_index", "row_in_file", "ranking_id", "user_id", "caption", "reason"]
         )
-    plan = plan_preparation(meta, data)
-    report = accounting(input_rows, plan, file_rejections)
-    _write_rejections(out, meta, plan, shards)
+    assignment = assign_splits(meta, data)
+    report = accounting(input_rows, assignment, file_rejections)
+    _write_rejections(out, meta, assignment, shards)
 
     if usable:
-        plan_table = pa.Table.from_pandas(
-            plan.rows.assign(split=plan.rows["split"].astype(object)), preserve_index=False
+        assignment_table = pa.Table.from_pandas(
+            assignment.rows.assign(split=assignment.rows["split"].astype(object)), preserve_index=False
         ).select(["pair_id", "split", "context_group_id", "condition_group_id"])
         counts = specs.map_batches(
             write_shard,
             batch_size=1,
             compute=tasks,
-            fn_kwargs={"out": str(out), "plan_ref": ray.put(plan_table)},
+            fn_kwargs={"out": str(out), "assignment_ref": ray.put(assignment_table)},
         ).to_pandas()
         written = {s: int(counts[s].sum()) for s in SPLITS}
         if written != report["kept"]:
-            raise JobError(f"written rows {written} differ from the plan {report['kept']}")
-        _write_groups(out, plan, partitions=data.concurrency)
+            raise JobError(f"written rows {written} differ from the assignment {report['kept']}")
+        _write_groups(out, assignment, partitions=data.concurrency)
     shutil.rmtree(out / "_group_members", ignore_errors=True)
 
     report["files"] = [{"path": s.path, "rows": s.rows, "problem": s.problem, "message": s.message} for s in shards]
     report["config"] = data.model_dump()
     (out / "accounting.json").write_text(json.dumps(report, indent=2))
-    plan.groups.to_parquet(out / "groups_index.parquet", index=False)
+    assignment.groups.to_parquet(out / "groups_index.parquet", index=False)
     if sum(report["kept"].values()) == 0:
         raise JobError(f"no usable rows: all {input_rows} input rows were rejected ({_nonzero(report['rejected'])})")
     return report
 
 
-def _write_groups(out: Path, plan, partitions: int) -> None:
+def _write_groups(out: Path, assignment, partitions: int) -> None:
     import ray
 
     member_files = sorted((out / "_group_members").glob("*.parquet"))
     if not member_files:
         return
-    order = dict(zip(plan.groups["group_id"].astype(int), plan.groups["pair_ids"], strict=True))
-    pools = dict(zip(plan.groups["group_id"].astype(int), plan.groups["pool"], strict=True))
+    order = dict(zip(assignment.groups["group_id"].astype(int), assignment.groups["pair_ids"], strict=True))
+    pools = dict(zip(assignment.groups["group_id"].astype(int), assignment.groups["pool"], strict=True))
     (
         ray.data.read_parquet([str(p) for p in member_files])
         # Few partitions: groups are small, and Ray's default of 200 costs more in scheduling than in work here.
@@ -225,11 +226,11 @@ def _write_groups(out: Path, plan, partitions: int) -> None:
     )
 
 
-def _write_rejections(out: Path, meta: pd.DataFrame, plan, shards: list[Shard]) -> None:
+def _write_rejections(out: Path, meta: pd.DataFrame, assignment, shards: list[Shard]) -> None:
     """out/rejected.parquet: file, row, ranking_id, user_id, reason of every rejected row (file-level ones too)."""
     paths = {s.index: s.path for s in shards}
     rejected = meta[["pair_id", "file_index", "row_in_file", "ranking_id", "user_id"]].merge(
-        plan.rows[["pair_id", "reason"]], on="pair_id"
+        assignment.rows[["pair_id", "reason"]], on="pair_id"
     )
     rejected = rejected[rejected["reason"].notna()].copy()
     rejected["file"] = rejected["file_index"].map(paths)

@@ -51,7 +51,7 @@ class DemoStage:
 
 
 @dataclass
-class DemoPlan:
+class JobSequence:
     """Every job of one demo run, in order, with absolute paths (jobs run in an uploaded copy of the repo)."""
 
     workdir: Path
@@ -107,9 +107,9 @@ def read_beta_choice(out_dir: Path, preset: str) -> dict[str, float] | None:
     return {k: float(v) for k, v in record["chosen"].items()} if record.get("preset") == preset else None
 
 
-def plan_demo(
+def demo_jobs(
     cfg: PPDConfig, workdir: Path, overrides: list[str], seed: int, world: Path, betas: dict[str, float] | None = None
-) -> DemoPlan:
+) -> JobSequence:
     """The jobs of one demo run after the toy world exists (its manifest names the one-reward users).
 
     `betas` ({"ppd": β, "dpo": β}, chosen on validation by `ppd sweep beta`) sets train.beta of the PPD and
@@ -117,10 +117,10 @@ def plan_demo(
     beta = {m: (f"train.beta={betas[m]:g}",) if betas and m in betas else () for m in ("ppd", "dpo")}
     w = workdir.resolve()
     prepared, embeddings, precomputed = w / "prepared", w / "embeddings", w / "precomputed"
-    plan = DemoPlan(w, cfg.preset, [*overrides, f"data.seed={seed}", f"train.seed={seed}"])
+    jobs = JobSequence(w, cfg.preset, [*overrides, f"data.seed={seed}", f"train.seed={seed}"])
     base = f"model.stage_c_path={BASE_MODEL_DIR}"
     # Sec. 5.1 analogue: every one-reward user is trained on, so none is held out as unseen.
-    plan.add(
+    jobs.add(
         "prepare one-reward users",
         prepared / ONE_REWARD / "accounting.json",
         "ppd_ray.jobs.prepare",
@@ -130,7 +130,7 @@ def plan_demo(
         prepared / ONE_REWARD,
         overrides=("data.test_unseen_user_fraction=0",),
     )
-    plan.add(
+    jobs.add(
         "prepare population",
         prepared / POPULATION / "accounting.json",
         "ppd_ray.jobs.prepare",
@@ -141,7 +141,7 @@ def plan_demo(
     )
     # Sec. 5.1 conditions on one-hot user ids; the population on pair-difference embeddings of 4-shot groups.
     for population, embedder in ((ONE_REWARD, "onehot"), (POPULATION, "pairdiff")):
-        plan.add(
+        jobs.add(
             f"embed {population} ({embedder})",
             None,  # the embedding job resumes by itself (embeds only groups not yet in its output)
             "ppd_ray.jobs.embed",
@@ -152,7 +152,7 @@ def plan_demo(
             "--embedder",
             embedder,
         )
-    plan.add(
+    jobs.add(
         "classify population users from their embeddings",
         w / "classifier" / "classifier.json",
         "ppd_ray.jobs.classify",
@@ -165,7 +165,7 @@ def plan_demo(
         configured=False,  # works on the embeddings alone: no config options
     )
     for population in (ONE_REWARD, POPULATION):
-        plan.add(
+        jobs.add(
             f"precompute {population}",
             precomputed / population / MANIFEST_FILE,
             "ppd_ray.jobs.precompute",
@@ -179,7 +179,7 @@ def plan_demo(
         )
     one_reward_inputs = precomputed / ONE_REWARD
     for method, title in (("ppd", "PPD"), ("dpo", "Diffusion-DPO (no user)"), ("sft", "SFT on preferred images")):
-        plan.train(
+        jobs.train(
             f"train {title} on the one-reward users",
             one_reward_inputs,
             method,
@@ -188,7 +188,7 @@ def plan_demo(
             *beta.get(method, ()),
         )
     for attribute, user_id in one_reward_user_ids(world).items():
-        plan.train(
+        jobs.train(
             f"train the DPO upper bound for {attribute} (user {user_id} only)",
             one_reward_inputs,
             upper_bound_variant(attribute),
@@ -198,7 +198,7 @@ def plan_demo(
             f"train.max_steps={cfg.train.upper_bound_steps}",
             *beta["dpo"],
         )
-    plan.train(
+    jobs.train(
         "train PPD on the population",
         precomputed / POPULATION,
         POPULATION_VARIANT,
@@ -206,7 +206,7 @@ def plan_demo(
         "train.method=ppd",
         *beta["ppd"],
     )
-    plan.add(
+    jobs.add(
         "evaluate every model on the hidden rewards",
         w / "eval" / "results.json",
         "ppd_ray.jobs.evaluate",
@@ -228,7 +228,7 @@ def plan_demo(
         str(seed),
         overrides=(base,),
     )
-    return plan
+    return jobs
 
 
 def write_results(results: dict, out_dir: Path, command: str) -> tuple[Path, Path]:
@@ -294,31 +294,31 @@ def run_demo(
         if betas
         else f"β of the preset ({cfg.train.beta:g}): no `ppd sweep beta` choice for preset {cfg.preset} in {out_dir}"
     )
-    plan = plan_demo(cfg, workdir, overrides, seed, world, betas)
-    (workdir / "adapters.json").write_text(json.dumps(plan.adapters, indent=1) + "\n")
-    (workdir / "plan.sh").write_text(
+    jobs = demo_jobs(cfg, workdir, overrides, seed, world, betas)
+    (workdir / "adapters.json").write_text(json.dumps(jobs.adapters, indent=1) + "\n")
+    (workdir / "jobs.sh").write_text(
         "# The demo's jobs; each line can be run with `ray job submit --address ... --working-dir . -- <line>`\n"
-        + "\n".join(stage.entrypoint for stage in plan.stages)
+        + "\n".join(stage.entrypoint for stage in jobs.stages)
         + "\n"
     )
-    logger.info(f"{len(plan.stages)} jobs planned (commands in {workdir / 'plan.sh'})")
+    logger.info(f"{len(jobs.stages)} jobs planned (commands in {workdir / 'jobs.sh'})")
     # Seconds per finished stage, so that a resumed run still reports the whole run's time.
     timings_path = workdir / "timings.json"
     timings: dict[str, float] = json.loads(timings_path.read_text()) if resume and timings_path.is_file() else {}
     kept_seconds = 0.0
     with tracking_uri(cfg.tracking.uri, workdir / "mlflow") as uri, local_head() as cluster:
         env = {"MLFLOW_TRACKING_URI": uri}
-        for index, stage in enumerate(plan.stages, 1):
+        for index, stage in enumerate(jobs.stages, 1):
             if resume and stage.output is not None and stage.output.is_file():
-                logger.info(f"== [{index}/{len(plan.stages)}] {stage.title}: done earlier, kept (--resume)")
+                logger.info(f"== [{index}/{len(jobs.stages)}] {stage.title}: done earlier, kept (--resume)")
                 kept_seconds += timings.get(stage.title, 0.0)
                 continue
             started = time.monotonic()
-            logger.info(f"== [{index}/{len(plan.stages)}] {stage.title}")
+            logger.info(f"== [{index}/{len(jobs.stages)}] {stage.title}")
             outcome = cluster.submit_and_wait(stage.entrypoint, working_dir=REPO_ROOT, env_vars=env, on_log=job_line)
             timings[stage.title] = round(time.monotonic() - started, 1)
             timings_path.write_text(json.dumps(timings, indent=1) + "\n")
-            logger.info(f"   [{index}/{len(plan.stages)}] done in {timings[stage.title]:.0f}s ({outcome.job_id})")
+            logger.info(f"   [{index}/{len(jobs.stages)}] done in {timings[stage.title]:.0f}s ({outcome.job_id})")
         logger.info(f"MLflow: runs in {workdir / 'mlflow'} (browse with `mlflow ui --backend-store-uri sqlite:///...`)")
     results = json.loads((workdir / "eval" / "results.json").read_text())
     top_k_plot = workdir / "classifier" / "top_k.png"  # Fig. 2 analogue, drawn by the classify stage

@@ -21,9 +21,9 @@ from ppd_ray.pipelines.demo import (
     ONE_REWARD,
     REPO_ROOT,
     RESULTS_DIR,
-    DemoPlan,
+    JobSequence,
+    demo_jobs,
     job_line,
-    plan_demo,
 )
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def run_beta_sweep(
     if not (world / "manifest.json").is_file():
         logger.info(f"== toy world ({cfg.preset}, seed {seed}) -> {world}")
         generate_world(cfg, world, seed)
-    demo = plan_demo(cfg, workdir, overrides, seed, world)
+    demo = demo_jobs(cfg, workdir, overrides, seed, world)
     stages = [stage for stage in demo.stages if stage.title in PREREQUISITES]
     sweep_dir = workdir / "sweep"
     base = f"model.stage_c_path={BASE_MODEL_DIR}"
@@ -81,10 +81,10 @@ def run_beta_sweep(
         parent = open_run(uri, cfg.tracking.experiment, f"beta-sweep-seed{seed}", tags={"ppd.job": "sweep"})
         status = "FAILED"
         try:
-            plan = DemoPlan(sweep_dir, cfg.preset, [*overrides, f"data.seed={seed}", f"train.seed={seed}"])
+            jobs = JobSequence(sweep_dir, cfg.preset, [*overrides, f"data.seed={seed}", f"train.seed={seed}"])
             for method in methods:
                 for beta in betas:
-                    plan.train(
+                    jobs.train(
                         f"train {method} with β = {beta:g}",
                         workdir / "precomputed" / ONE_REWARD,
                         variant_name(method, beta),
@@ -93,15 +93,15 @@ def run_beta_sweep(
                         f"train.beta={beta:g}",
                         f"tracking.parent_run_id={parent}",
                     )
-            for stage in plan.stages:
+            for stage in jobs.stages:
                 if stage.output is not None and stage.output.is_file():
                     logger.info(f"== {stage.title}: kept {stage.output}")
                     continue
                 submit(stage.title, stage.entrypoint)
             adapters_path = sweep_dir / "adapters.json"
-            adapters_path.write_text(json.dumps(plan.adapters, indent=1) + "\n")
+            adapters_path.write_text(json.dumps(jobs.adapters, indent=1) + "\n")
             validation_dir = sweep_dir / "validation"
-            scoring = DemoPlan(sweep_dir, cfg.preset, overrides)
+            scoring = JobSequence(sweep_dir, cfg.preset, overrides)
             scoring.add(
                 "score every adapter on the validation split",
                 None,

@@ -30,8 +30,8 @@ from ppd.train.precompute import (
     decode_image,
     embedding_rows,
     encode_pairs,
+    join_training_rows,
     load_latent_encoder,
-    plan_training_rows,
 )
 
 
@@ -115,9 +115,9 @@ def _embeddings() -> dict[tuple[int, int], np.ndarray]:
 def test_plan_joins_each_pair_to_its_condition_group_and_counts_what_it_leaves_out() -> None:
     captions = caption_index(_pairs()["caption"])
     assert captions == {"a": 0, "b": 1, "c": 2}
-    plan, index, skipped = plan_training_rows(_pairs(), _embeddings(), captions, order_seed=0)
+    joined, index, skipped = join_training_rows(_pairs(), _embeddings(), captions, order_seed=0)
 
-    assert sorted(plan["pair_id"]) == [1, 3, 5, 6]
+    assert sorted(joined["pair_id"]) == [1, 3, 5, 6]
     assert skipped == {
         "train": {"no_condition_group": 1, "no_embedding": 1, "undecodable_image": 0},
         "validation": {"no_condition_group": 0, "no_embedding": 0, "undecodable_image": 0},
@@ -126,7 +126,7 @@ def test_plan_joins_each_pair_to_its_condition_group_and_counts_what_it_leaves_o
     assert list(index.table["group_id"]) == [20, 22]  # only the groups that condition a kept pair
     rows = embedding_rows(index, _embeddings(), 0, len(index.table))  # [G, 2, 3]
     source = _pairs().set_index("pair_id")
-    for pair in plan.itertuples():
+    for pair in joined.itertuples():
         assert pair.caption_index == captions[source.loc[pair.pair_id, "caption"]]
         assert pair.condition_group_id == source.loc[pair.pair_id, "condition_group_id"]
         # the embedding row a pair reads is the one of its own condition group
@@ -136,12 +136,12 @@ def test_plan_joins_each_pair_to_its_condition_group_and_counts_what_it_leaves_o
 
 def test_plan_order_is_a_seeded_permutation() -> None:
     captions = caption_index(_pairs()["caption"])
-    first, _, _ = plan_training_rows(_pairs(), _embeddings(), captions, order_seed=3)
-    again, _, _ = plan_training_rows(_pairs().sample(frac=1, random_state=1), _embeddings(), captions, order_seed=3)
+    first, _, _ = join_training_rows(_pairs(), _embeddings(), captions, order_seed=3)
+    again, _, _ = join_training_rows(_pairs().sample(frac=1, random_state=1), _embeddings(), captions, order_seed=3)
     assert sorted(first["order_key"]) == list(range(len(first)))
     assert first.set_index("pair_id")["order_key"].equals(again.set_index("pair_id")["order_key"])
     orders = {
-        tuple(plan_training_rows(_pairs(), _embeddings(), captions, order_seed=s)[0]["order_key"]) for s in range(8)
+        tuple(join_training_rows(_pairs(), _embeddings(), captions, order_seed=s)[0]["order_key"]) for s in range(8)
     }
     assert len(orders) > 1
 
@@ -149,10 +149,10 @@ def test_plan_order_is_a_seeded_permutation() -> None:
 def test_plan_refuses_embeddings_of_another_users_group() -> None:
     wrong = {**_embeddings(), (99, 21): np.zeros((2, 3), np.float32)}  # group 21 belongs to user 11 in the pairs
     with pytest.raises(ValueError, match="another preparation"):
-        plan_training_rows(_pairs(), wrong, caption_index(_pairs()["caption"]), order_seed=0)
+        join_training_rows(_pairs(), wrong, caption_index(_pairs()["caption"]), order_seed=0)
     mixed = {**_embeddings(), (11, 21): np.zeros((4, 3), np.float32)}
     with pytest.raises(ValueError, match="different shapes"):
-        plan_training_rows(_pairs(), mixed, caption_index(_pairs()["caption"]), order_seed=0)
+        join_training_rows(_pairs(), mixed, caption_index(_pairs()["caption"]), order_seed=0)
 
 
 # --- tensor tables and batches -------------------------------------------------------------------------------------

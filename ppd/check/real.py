@@ -39,16 +39,15 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
-from ppd.config import PPDConfig
-from ppd.models.codec import STAGE_C_TO_STAGE_B_SCALE
-from ppd.models.plan import H100
-from ppd.models.reduced import (
+from ppd.check.reduced import (
     REDUCED_LAYERS,
     decoder_repository,
     reward_directories,
     stage_c_repository,
     vlm_directory,
 )
+from ppd.config import PPDConfig
+from ppd.models.codec import STAGE_C_TO_STAGE_B_SCALE
 from ppd.models.reference import (
     STAGE_A_VQGAN,
     STAGE_C_PRIOR,
@@ -56,6 +55,7 @@ from ppd.models.reference import (
     llava_onevision_7b_config,
     normalised,
 )
+from ppd.train.sizing import H100
 
 STAGES = ("config", "stage_c", "precompute", "embed", "train", "sample", "serve", "evaluate")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -264,8 +264,8 @@ class _Run:
 
     def stage_c(self) -> str:
         from ppd.models.factory import build_meta_personalized_stage_c, parameter_report
-        from ppd.models.plan import plan_training
         from ppd.models.stage_c import stage_c_unet_config
+        from ppd.train.sizing import size_training
 
         architecture = self.cfg.model.architecture
         ours, theirs = normalised(stage_c_unet_config(architecture)), normalised(STAGE_C_PRIOR[architecture])
@@ -277,8 +277,8 @@ class _Run:
             )
         shape = self.real_embedding_shape()
         report = parameter_report(build_meta_personalized_stage_c(architecture, shape, self.cfg.model.user_tokens))
-        plan = plan_training(self.cfg, shape).to_dict()
-        memory = plan["memory_per_gpu"]
+        sizing = size_training(self.cfg, shape).to_dict()
+        memory = sizing["memory_per_gpu"]
         if memory["total_bytes"] > memory["gpu_memory_bytes"]:
             raise CheckFailed(
                 f"training at micro-batch {self.cfg.train.micro_batch} needs {_gib(memory['total_bytes'])} per GPU "
@@ -288,7 +288,7 @@ class _Run:
             f"{architecture} == {STAGE_C_SUBFOLDER[architecture]}/config.json ({len(theirs)} keys); meta: "
             f"{report['total'] / 1e9:.2f}B params, {report['attention_blocks']} attention blocks, W'_k + W'_v "
             f"{report['w_k_plus_w_v']:,}; step at micro-batch {self.cfg.train.micro_batch}: "
-            f"{plan['flops']['per_pair'] / 1e12:.2f} TFLOP/pair, {_gib(memory['total_bytes'])} per GPU"
+            f"{sizing['flops']['per_pair'] / 1e12:.2f} TFLOP/pair, {_gib(memory['total_bytes'])} per GPU"
         )
 
     def real_embedding_shape(self) -> tuple[int, int]:

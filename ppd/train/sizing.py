@@ -12,7 +12,7 @@ Nothing here holds a weight: the real Stage C is built on the meta device, one t
 - Memory per GPU: the ZeRO paper's accounting (frozen base replicated; adapter gradients and the Adam state
   partitioned over the data-parallel workers from stage 2 / stage 1 on) plus the measured activations.
 
-`TrainingPlan.to_dict()` is the stable JSON of `ppd model plan --json` (all byte and FLOP counts are integers):
+`TrainingSizing.to_dict()` is the stable JSON of `ppd model plan --json` (all byte and FLOP counts are integers):
 
     preset, architecture, dtype, embedding_shape [L, d], user_tokens, latent_shape [C, H, W], text_tokens
     parameters: total, base, trainable, w_k_plus_w_v, user_projection, attention_blocks
@@ -131,7 +131,7 @@ class MemoryPerGpu:
 
 
 @dataclass(frozen=True)
-class TrainingPlan:
+class TrainingSizing:
     """Sizing of one preset's training run (see the module docstring for the JSON layout)."""
 
     preset: str
@@ -402,12 +402,12 @@ def zero_memory_per_gpu(
     )
 
 
-def plan_training(
+def size_training(
     cfg: PPDConfig,
     embedding_shape: tuple[int, int],
     pairs: int = PICKAPIC_TRAIN_PAIRS,
     accelerator: Accelerator = H100,
-) -> TrainingPlan:
+) -> TrainingSizing:
     """Size `cfg`'s training run: build the real architecture on the meta device and trace one micro-step."""
     model = build_meta_personalized_stage_c(cfg.model.architecture, embedding_shape, cfg.model.user_tokens)
     model = model.to(_TORCH_DTYPES[cfg.model.dtype])
@@ -425,7 +425,7 @@ def plan_training(
         accelerator,
     )
     keys = ("total", "base", "trainable", "w_k_plus_w_v", "user_projection", "attention_blocks")
-    return TrainingPlan(
+    return TrainingSizing(
         preset=cfg.preset,
         architecture=cfg.model.architecture,
         dtype=cfg.model.dtype,

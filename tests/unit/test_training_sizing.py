@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 
 from ppd.config import load_config
 from ppd.models.factory import build_meta_personalized_stage_c, latent_shape, parameter_report
-from ppd.models.plan import H100, measure_training_step, plan_training, zero_memory_per_gpu
 from ppd.models.stage_c import attention_blocks
 from ppd.models.text import CLIP_MAX_LENGTH
+from ppd.train.sizing import H100, measure_training_step, size_training, zero_memory_per_gpu
 from ppd_ray.cli.main import app
 
 TINY_EMBEDDING = (4, 64)
@@ -21,7 +21,7 @@ TINY_EMBEDDING = (4, 64)
 
 @pytest.fixture(scope="module")
 def tiny_plan():
-    return plan_training(load_config("tiny_cpu"), TINY_EMBEDDING)
+    return size_training(load_config("tiny_cpu"), TINY_EMBEDDING)
 
 
 def test_plan_parameters_are_the_model_reports(tiny_plan) -> None:
@@ -100,11 +100,11 @@ def test_epoch_projection_is_pairs_times_flops_over_cluster_throughput(tiny_plan
 
 
 def test_lite_stage_c_plan_matches_the_paper_and_design_figures() -> None:
-    plan = plan_training(load_config("stage_c_lite_h100x8"), (29, 3584))
-    assert plan.parameters["w_k_plus_w_v"] == 150_994_944  # paper: ~150M trainable
-    assert plan.per_image_forward_flops == pytest.approx(1.17e12, rel=0.02)  # DESIGN.md: ~1.17 TFLOP at 24 x 24
-    assert plan.memory.micro_batch == 16 and plan.memory.data_parallel_workers == 8
-    assert plan.memory.total_bytes < H100.memory_bytes
+    sizing = size_training(load_config("stage_c_lite_h100x8"), (29, 3584))
+    assert sizing.parameters["w_k_plus_w_v"] == 150_994_944  # paper: ~150M trainable
+    assert sizing.per_image_forward_flops == pytest.approx(1.17e12, rel=0.02)  # DESIGN.md: ~1.17 TFLOP at 24 x 24
+    assert sizing.memory.micro_batch == 16 and sizing.memory.data_parallel_workers == 8
+    assert sizing.memory.total_bytes < H100.memory_bytes
 
 
 def test_cli_plan_json_and_unknown_preset() -> None:

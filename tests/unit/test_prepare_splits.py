@@ -1,11 +1,11 @@
-"""Properties of the split / group plan, over random preference tables (hypothesis)."""
+"""Properties of the split / group assignment, over random preference tables (hypothesis)."""
 
 import pandas as pd
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ppd.config import DataConfig
-from ppd.data.prepare import SPLITS, accounting, plan_preparation
+from ppd.data.prepare import SPLITS, accounting, assign_splits
 
 REASONS = [None, None, None, None, None, None, "tie", "not_different", "undecodable_image"]
 
@@ -43,24 +43,24 @@ def preference_tables(draw):
 @given(preference_tables())
 def test_plan_properties(case):
     meta, cfg = case
-    plan = plan_preparation(meta, cfg)
-    rows = plan.rows.merge(meta[["pair_id", "user_id", "caption"]], on="pair_id")
+    assignment = assign_splits(meta, cfg)
+    rows = assignment.rows.merge(meta[["pair_id", "user_id", "caption"]], on="pair_id")
 
     # every row in exactly one place: a split or a rejection reason, never both, never neither
     in_split = rows["split"].notna()
     assert (in_split ^ rows["reason"].notna()).all()
-    report = accounting(len(meta), plan, {})
+    report = accounting(len(meta), assignment, {})
     assert report["input_rows"] == sum(report["kept"].values()) + sum(report["rejected"].values())
     assert set(rows.loc[in_split, "split"]) <= set(SPLITS)
 
     # deterministic for a seed
-    again = plan_preparation(meta, cfg)
-    pd.testing.assert_frame_equal(plan.rows, again.rows)
-    pd.testing.assert_frame_equal(plan.groups, again.groups)
+    again = assign_splits(meta, cfg)
+    pd.testing.assert_frame_equal(assignment.rows, again.rows)
+    pd.testing.assert_frame_equal(assignment.groups, again.groups)
 
     # rejected rows for a row-level reason keep that reason
     row_level = meta["reason"].notna()
-    assert (plan.rows.loc[row_level, "reason"].values == meta.loc[row_level, "reason"].values).all()
+    assert (assignment.rows.loc[row_level, "reason"].values == meta.loc[row_level, "reason"].values).all()
 
     by_split = {s: rows[rows["split"] == s] for s in SPLITS}
     train = by_split["train"]
@@ -79,15 +79,15 @@ def test_plan_properties(case):
     # groups: `shots` distinct pairs of one user, disjoint, drawn from train (seen) or test_unseen (unseen) pairs
     split_of = dict(zip(rows["pair_id"], rows["split"], strict=True))
     user_of = dict(zip(rows["pair_id"], rows["user_id"], strict=True))
-    members = [p for pids in plan.groups["pair_ids"] for p in pids]
+    members = [p for pids in assignment.groups["pair_ids"] for p in pids]
     assert len(members) == len(set(members))
-    for _, group in plan.groups.iterrows():
+    for _, group in assignment.groups.iterrows():
         assert len(group["pair_ids"]) == cfg.shots
         assert {user_of[p] for p in group["pair_ids"]} == {group["user_id"]}
         assert {split_of[p] for p in group["pair_ids"]} <= {"train", "test_unseen"}
     # a pair is never conditioned on a group that contains it, and only on its own user's groups
-    group_members = dict(zip(plan.groups["group_id"], plan.groups["pair_ids"], strict=True))
-    group_user = dict(zip(plan.groups["group_id"], plan.groups["user_id"], strict=True))
+    group_members = dict(zip(assignment.groups["group_id"], assignment.groups["pair_ids"], strict=True))
+    group_user = dict(zip(assignment.groups["group_id"], assignment.groups["user_id"], strict=True))
     conditioned = rows[rows["condition_group_id"].notna()]
     for pair_id, user_id, gid in zip(
         conditioned["pair_id"], conditioned["user_id"], conditioned["condition_group_id"], strict=True
@@ -103,6 +103,6 @@ def test_a_pair_is_conditioned_whenever_its_user_has_another_group():
     # one seen user, 12 usable pairs on training captions, shots 4 -> 3 groups: every pair has another group
     meta = pd.DataFrame({"pair_id": range(12), "user_id": 5, "caption": [f"c{i}" for i in range(12)], "reason": None})
     cfg = DataConfig(shots=4, validation_caption_fraction=0, test_caption_fraction=0, test_unseen_user_fraction=0)
-    plan = plan_preparation(meta, cfg)
-    assert len(plan.groups) == 3
-    assert plan.rows["condition_group_id"].notna().all()
+    assignment = assign_splits(meta, cfg)
+    assert len(assignment.groups) == 3
+    assert assignment.rows["condition_group_id"].notna().all()
