@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from cachetools import LRUCache
 
 from ppd.config import PPDConfig
 from ppd.eval.image_rewards import load_image_rewards, score_images
@@ -48,18 +49,21 @@ class VariantGenerator:
         self.encoder = load_caption_encoder(cfg.model, device)
         self.decoder = load_decoder(cfg.model, device)
         self.latent_shape = latent_shape(cfg.model)
-        self._captions: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._captions: MutableMapping[str, tuple[torch.Tensor, torch.Tensor]] = (
+            {} if caption_cache_size is None else LRUCache(maxsize=caption_cache_size)
+        )
 
     def encode_captions(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Text states ([B, S, C_t], [B, 1, C_t]) of `captions`; each distinct caption is encoded once per model."""
-        missing = sorted({c for c in captions if c not in self._captions})
+        """Text states ([B, S, C_t], [B, 1, C_t]) of `captions`; each distinct caption is encoded once per model
+        (while it stays in a bounded cache: the least recently used caption goes first)."""
+        known = {c: self._captions[c] for c in dict.fromkeys(captions) if c in self._captions}
+        missing = sorted(set(captions) - known.keys())
         if missing:
-            if self.caption_cache_size is not None and len(self._captions) + len(missing) > self.caption_cache_size:
-                self._captions.clear()
             hidden, pooled = self.encoder.encode_captions(missing)
-            self._captions.update({c: (hidden[i], pooled[i]) for i, c in enumerate(missing)})
-        hidden = torch.stack([self._captions[c][0] for c in captions])  # [B, S, C_t]
-        pooled = torch.stack([self._captions[c][1] for c in captions])  # [B, 1, C_t]
+            for i, caption in enumerate(missing):
+                known[caption] = self._captions[caption] = (hidden[i], pooled[i])
+        hidden = torch.stack([known[c][0] for c in captions])  # [B, S, C_t]
+        pooled = torch.stack([known[c][1] for c in captions])  # [B, 1, C_t]
         return hidden, pooled
 
     def generate(

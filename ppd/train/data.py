@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from safetensors import SafetensorError, safe_open
 
 from ppd.config import TrainConfig
 
@@ -66,51 +67,45 @@ class PrecomputedError(ValueError):
 
 
 class TensorTable:
-    """Named tensors of one safetensors file sharing a leading row dimension, read through memory maps.
+    """Named tensors of one safetensors file sharing a leading row dimension, read row by row.
 
-    `rows(name, indices)` copies only the requested rows. The file is a standard safetensors file
-    (`safetensors.torch.load_file` reads it too); `create` writes one in place without holding it in memory.
+    `rows(name, indices)` copies only the requested rows (`safe_open(...).get_slice`: the file is memory-mapped, so
+    a worker touches only the rows its batches name and the workers of one node share the pages). `create` writes
+    such a file in place without holding it in memory.
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        header, data_start = _read_header(self.path)
-        self.metadata: dict[str, str] = header.pop("__metadata__", {})
-        self._arrays: dict[str, np.memmap] = {}
-        self._dtypes: dict[str, str] = {}
-        for name, spec in header.items():
-            begin, end = spec["data_offsets"]
-            dtype = spec["dtype"]
-            if dtype not in _NUMPY_STORAGE:
-                raise PrecomputedError(f"{self.path}: tensor {name!r} has unsupported dtype {dtype}")
-            shape = tuple(spec["shape"])
-            if end == begin:  # numpy cannot map zero bytes
-                self._arrays[name] = np.zeros(shape, dtype=_NUMPY_STORAGE[dtype])
-            else:
-                self._arrays[name] = np.memmap(
-                    self.path, dtype=_NUMPY_STORAGE[dtype], mode="r", offset=data_start + begin, shape=shape
-                )
-            self._dtypes[name] = dtype
+        try:
+            self._file = safe_open(str(self.path), framework="pt")
+        except (OSError, SafetensorError) as err:
+            raise PrecomputedError(f"{path}: not a readable safetensors file ({err})") from None
+        self.metadata: dict[str, str] = self._file.metadata() or {}
+        self._slices = {name: self._file.get_slice(name) for name in self._file.keys()}
+        for name, tensor in self._slices.items():
+            if tensor.get_dtype() not in _TORCH_DTYPE:
+                raise PrecomputedError(f"{self.path}: tensor {name!r} has unsupported dtype {tensor.get_dtype()}")
 
     @property
     def names(self) -> list[str]:
-        return list(self._arrays)
+        return list(self._slices)
 
     def shape(self, name: str) -> tuple[int, ...]:
         """Full shape of tensor `name` (rows first)."""
-        return tuple(self._arrays[name].shape)
+        return tuple(self._slices[name].get_shape())
 
     def rows(self, name: str, indices: Sequence[int] | np.ndarray) -> torch.Tensor:
         """Rows `indices` of tensor `name` as a fresh torch tensor [len(indices), ...] of the stored dtype."""
-        array = self._arrays[name]
+        tensor, count = self._slices[name], self.shape(name)[0]
         indices = np.asarray(indices, dtype=np.int64)
-        if indices.size and (indices.min() < 0 or indices.max() >= array.shape[0]):
+        if indices.size and (indices.min() < 0 or indices.max() >= count):
             raise PrecomputedError(
-                f"{self.path}: row index out of range for {name!r} ({array.shape[0]} rows): "
-                f"{indices[(indices < 0) | (indices >= array.shape[0])][:5].tolist()}"
+                f"{self.path}: row index out of range for {name!r} ({count} rows): "
+                f"{indices[(indices < 0) | (indices >= count)][:5].tolist()}"
             )
-        picked = torch.from_numpy(np.ascontiguousarray(array[indices]))
-        return picked.view(_TORCH_DTYPE[self._dtypes[name]])
+        if not indices.size:
+            return tensor[0:0]
+        return torch.cat([tensor[int(i) : int(i) + 1] for i in indices])
 
     @staticmethod
     def create(
@@ -123,7 +118,12 @@ class TensorTable:
 
 
 class TensorTableWriter:
-    """Fills a pre-sized safetensors file row range by row range (see `TensorTable.create`)."""
+    """Fills a pre-sized safetensors file row range by row range (see `TensorTable.create`).
+
+    safetensors can only write a file from tensors held in memory; the precompute job streams tables larger than
+    the driver's memory, so this writes the format's documented layout itself (an 8-byte little-endian header
+    length, the JSON header, the data 8-byte aligned) and fills the data through a memory map. Reading goes through
+    safetensors (`TensorTable`)."""
 
     def __init__(
         self, path: Path, specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]], metadata: Mapping[str, str]
@@ -184,16 +184,6 @@ class TensorTableWriter:
             if mapped is not None:
                 mapped.flush()
         self._arrays.clear()
-
-
-def _read_header(path: Path) -> tuple[dict[str, Any], int]:
-    try:
-        with open(path, "rb") as file:
-            (length,) = struct.unpack("<Q", file.read(8))
-            header = json.loads(file.read(length))
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise PrecomputedError(f"{path}: not a readable safetensors file ({err})") from None
-    return header, 8 + length
 
 
 # --- manifest and the opened directory -------------------------------------------------------------------------

@@ -11,10 +11,10 @@ from __future__ import annotations
 import hashlib
 import io
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
+from cachetools import LRUCache
 from PIL import Image
 from ray import serve
 
@@ -45,7 +45,8 @@ class UserEmbedder:
         self.embedder = load_embedder(cfg)
         self.identity = self.embedder.identity
         self.cache_size = cfg.serve.embedding_cache_size
-        self._cache: OrderedDict[str, tuple[np.ndarray, str]] = OrderedDict()
+        # None: caching off (serve.embedding_cache_size=0).
+        self._cache: LRUCache | None = LRUCache(maxsize=self.cache_size) if self.cache_size else None
         # Serve runs sync methods on a thread pool: one model call at a time, and the cache changes under the lock.
         self._lock = threading.Lock()
         # One warm-up group: the first request does not pay for lazy initialisation, and the shape is known at start.
@@ -57,20 +58,18 @@ class UserEmbedder:
         """The user's embedding, or an error message when the embedder rejects the pairs."""
         key = self._cache_key(pairs)
         with self._lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
+            hit = self._cache.get(key) if self._cache is not None else None  # get() marks it recently used
+            if hit is not None:
                 self.cache_hits += 1
-                embedding, profile = self._cache[key]
+                embedding, profile = hit
                 return EmbeddedUser(embedding, profile, self.identity.model_id, cached=True)
             try:
                 user = self._run(pairs)
             except EmbeddingFailed as err:
                 return str(err)
             self.model_runs += 1
-            if self.cache_size:
-                self._cache[key] = (user.embedding, user.profile)
-                while len(self._cache) > self.cache_size:
-                    self._cache.popitem(last=False)
+            if self._cache is not None:
+                self._cache[key] = (user.embedding, user.profile)  # the least recently used entry goes
             return user
 
     def info(self) -> dict:
@@ -79,7 +78,7 @@ class UserEmbedder:
 
     def stats(self) -> dict:
         """Counters: model runs (cache misses) and cache hits since start."""
-        return {"model_runs": self.model_runs, "cache_hits": self.cache_hits, "cached_users": len(self._cache)}
+        return {"model_runs": self.model_runs, "cache_hits": self.cache_hits, "cached_users": len(self._cache or {})}
 
     def _run(self, pairs: list[Pair]) -> EmbeddedUser:
         group = FewShotGroup(

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
+from cachetools import FIFOCache
 from ray import serve
 
 from ppd_ray.serving.schemas import HANDLE_PREFIX, HANDLE_RANDOM_BYTES
@@ -43,14 +43,12 @@ class UserStore:
 
     def __init__(self, max_users: int) -> None:
         self.max_users = max_users
-        self._users: OrderedDict[str, UserRecord] = OrderedDict()
+        self._users: FIFOCache = FIFOCache(maxsize=max_users)  # beyond max_users the oldest user goes
 
     def add(self, embedding: np.ndarray, profile: str, model_id: str) -> str:
         """Store a user; returns its new handle."""
         handle = HANDLE_PREFIX + secrets.token_urlsafe(HANDLE_RANDOM_BYTES)
         self._users[handle] = UserRecord(np.asarray(embedding, np.float32), profile, model_id, time.time())
-        while len(self._users) > self.max_users:
-            self._users.popitem(last=False)
         return handle
 
     def profile(self, handle: str) -> dict | None:
