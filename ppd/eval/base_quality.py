@@ -19,8 +19,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from scipy import ndimage, stats
 
 from ppd.config import ATTRIBUTES
@@ -211,12 +213,26 @@ def gate_captions(count: int, seed: int) -> list[str]:
     return [caption for block in rounds for caption in block][:count]
 
 
-def measure_base(generate, image_size: int, count: int = 256, seed: int = 0, batch: int = 64) -> dict:
-    """The quality gate of a base: `generate(captions, seeds) -> uint8 [B, H, W, 3]` on `count` captions."""
+def measure_base(
+    generate, image_size: int, count: int = 256, seed: int = 0, batch: int = 64, grid_path: Path | None = None
+) -> dict:
+    """The quality gate of a base: `generate(captions, seeds) -> uint8 [B, H, W, 3]` on `count` captions.
+
+    `grid_path`: also save a picture of the first 16 samples above the toy world's renders of the same captions."""
     captions = gate_captions(count, seed)
     seeds = [seed * 100_000 + i for i in range(count)]
     samples = np.concatenate([generate(captions[i : i + batch], seeds[i : i + batch]) for i in range(0, count, batch)])
-    return quality_gate(samples, captions, render_references(captions, image_size, seed))
+    references = render_references(captions, image_size, seed)
+    if grid_path is not None:
+        comparison_strip(samples[:16], references[:16]).save(grid_path)
+    return quality_gate(samples, captions, references)
+
+
+def comparison_strip(top: np.ndarray, bottom: np.ndarray, scale: int = 4) -> Image.Image:
+    """Two rows of uint8 images [N, H, W, 3] (e.g. samples over renders), enlarged without smoothing."""
+    rows = [np.concatenate(list(images), axis=1) for images in (top, bottom)]
+    grid = np.concatenate(rows, axis=0)  # [2H, N W, 3]
+    return Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.Resampling.NEAREST)
 
 
 def format_gate(gate: dict) -> str:

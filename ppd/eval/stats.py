@@ -20,12 +20,19 @@ class Estimate:
         return {"value": self.value, "ci95": list(self.ci95), "n": self.n}
 
 
-def win_outcomes(scores: np.ndarray, baseline_scores: np.ndarray) -> np.ndarray:
-    """Per comparison: 1 if `scores` beats the baseline, 0.5 for an exact tie, 0 otherwise."""
+# Two scores closer than this are a tie. The same model on the same (caption, seed) can come out a few pixels one grey
+# level apart when its rows are batched differently (CPU kernels pick other blockings per batch shape); on a 32 x 32
+# toy image one grey level in one pixel moves an O(1) reward by ~4e-6, and no judge sees 25 such pixels.
+TIE_TOLERANCE = 1e-4
+
+
+def win_outcomes(scores: np.ndarray, baseline_scores: np.ndarray, tie_tolerance: float = TIE_TOLERANCE) -> np.ndarray:
+    """Per comparison: 1 if `scores` beats the baseline, 0.5 for a tie (within `tie_tolerance`), 0 otherwise."""
     scores, baseline_scores = np.asarray(scores, float), np.asarray(baseline_scores, float)
     if scores.shape != baseline_scores.shape:
         raise ValueError(f"paired scores differ in shape: {scores.shape} vs {baseline_scores.shape}")
-    return np.where(scores > baseline_scores, 1.0, np.where(scores == baseline_scores, 0.5, 0.0))
+    tied = np.abs(scores - baseline_scores) <= tie_tolerance
+    return np.where(tied, 0.5, np.where(scores > baseline_scores, 1.0, 0.0))
 
 
 def bootstrap_mean(

@@ -107,6 +107,8 @@ def toy_pretrain_base(
     if gate_samples > 0:
         logger.info(f"quality gate on {gate_samples} samples")
         base = VariantGenerator(cfg.with_overrides([f"model.stage_c_path={out.resolve()}"]), None)
-        gate = measure_base(base.generate, cfg.data.toy.image_size, gate_samples, seed)
+        grid = out / "samples.png"  # 16 samples over the toy world's renders of the same captions
+        gate = measure_base(base.generate, cfg.data.toy.image_size, gate_samples, seed, grid_path=grid)
         write_record(out, {**read_record(out), "quality_gate": gate})
         typer.echo(format_gate(gate))
+        typer.echo(f"samples (top) against the toy world's renders (bottom): {grid}")

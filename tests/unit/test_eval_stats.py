@@ -20,6 +20,15 @@ def test_win_rate_counts_ties_half():
     assert list(win_outcomes([1, 2], [2, 2])) == [0.0, 0.5]
 
 
+def test_scores_a_few_pixels_apart_are_a_tie():
+    # 3 grey levels in one pixel of a 32 x 32 image: float noise of re-batching, not a preference
+    pixel_noise = 3 / 255 / (32 * 32)
+    assert list(win_outcomes([0.5 + pixel_noise, 0.5 - pixel_noise], [0.5, 0.5])) == [0.5, 0.5]
+    # a visible change (one grey level over a tenth of the image) still decides the comparison
+    visible = 0.1 / 255
+    assert list(win_outcomes([0.5 + visible, 0.5 - visible], [0.5, 0.5])) == [1.0, 0.0]
+
+
 def test_bootstrap_interval_contains_mean_and_shrinks_with_data():
     rng = np.random.default_rng(0)
     small = bootstrap_mean(rng.random(20), seed=1)

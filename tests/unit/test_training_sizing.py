@@ -38,11 +38,21 @@ def test_adapter_flops_match_a_hand_count() -> None:
     step = measure_training_step(model, cfg.train, latent_shape(cfg.model), micro_batch=2)
     tokens, layers, width = cfg.model.user_tokens, *TINY_EMBEDDING
     cond = model.base.config.conditioning_dim
-    # Stage C keeps the latent resolution in every level (switch_level False): every block attends over H x W.
-    queries = cfg.model.latent_size**2
+    # A level's blocks attend over its own H x W: the real Stage C keeps the latent resolution in every level
+    # (switch_level False), the tiny one halves it into level 1 (switch_level True).
+    switch_level = model.base.config.switch_level
+    levels = len(model.base.config.block_out_channels)
+
+    def queries_at(name: str) -> int:
+        stack, index = name.split(".")[:2]
+        level = int(index) if stack == "down_blocks" else levels - 1 - int(index)
+        side = cfg.model.latent_size // 2 ** sum(bool(s) for s in switch_level[:level])
+        return side * side
+
     expected = 2 * tokens * layers * width + 2 * tokens * width * cond  # layer mix + d -> c_cond projection
-    for _, block in attention_blocks(model.base):
+    for name, block in attention_blocks(model.base):
         channels = block.attention.inner_dim
+        queries = queries_at(name)
         expected += 2 * (2 * tokens * cond * channels)  # W'_k and W'_v on the user tokens
         expected += 2 * (2 * queries * tokens * channels)  # Q K'^T and softmax(.) V' over all heads
     images = 2 * step.micro_batch
