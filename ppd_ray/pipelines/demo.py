@@ -27,7 +27,7 @@ from ppd_ray.console import JobError, is_progress_line
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]  # ppd_ray/pipelines/demo.py -> the repository
 # The pretrained tiny Stage C every run starts from (regenerate: `ppd toy pretrain-base --out assets/toy_base`).
 BASE_MODEL_DIR = REPO_ROOT / "assets" / "toy_base"
 ONE_REWARD, POPULATION = "one_reward", "population"
