@@ -34,10 +34,10 @@ demo: setup
 	$(BIN)/ppd demo $(DEMO_ARGS)
 
 test: setup
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests --durations=25
 
 test-fast: setup
-	$(BIN)/python -m pytest tests -m "not slow"
+	$(BIN)/python -m pytest tests -m "not slow" --durations=25
 
 lint: setup
 	$(BIN)/ruff check ppd ppd_ray tests scripts

@@ -127,7 +127,7 @@ def local_head(num_cpus: float = 2, *, timeout_s: float = 180) -> Iterator[Local
             what="the Ray head's dashboard",
             process=head,
         )
-        logger.info(f"Ray head at {cluster.gcs_address}, dashboard {cluster.dashboard_address}")
+        logger.info(f"Ray head at {cluster.gcs_address}, dashboard {cluster.dashboard_address}, temp dir {temp_dir}")
         yield cluster
     finally:
         cluster.stop()

@@ -28,6 +28,7 @@ from PIL import Image
 
 from ppd.config import load_config
 from ppd_ray.infra.processes import free_port, http_ok, start_process, wait_until
+from tests.helpers import solid_png
 from tests.integration.test_serve import serve_load
 
 pytestmark = pytest.mark.slow
@@ -58,12 +59,6 @@ def _chromium() -> str:
     if found is None:
         pytest.skip("Chromium is not installed and scripts/install_chromium.sh could not install it (needs apt-get)")
     return found
-
-
-def _png(colour: tuple[int, int, int], size: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (size, size), colour).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -257,8 +252,8 @@ def test_without_example_pairs_the_page_takes_uploaded_pairs(session, server, sm
 
     size = smoke_config.data.toy.image_size
     dark, bright = tmp_path / "dark.png", tmp_path / "bright.png"
-    dark.write_bytes(_png((30, 30, 60), size))
-    bright.write_bytes(_png((230, 220, 160), size))
+    dark.write_bytes(solid_png((30, 30, 60), size))
+    bright.write_bytes(solid_png((230, 220, 160), size))
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"this is not an image")
     for pair, caption in enumerate(["a picture of a teal ring", "a red square", "a blue circle", "a pink cross"]):

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from ppd.config import ModelConfig, TrainConfig
@@ -33,12 +30,7 @@ from ppd.train.precompute import (
     join_training_rows,
     load_latent_encoder,
 )
-
-
-def _png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels.astype(np.uint8)).save(buffer, format="PNG")
-    return buffer.getvalue()
+from tests.helpers import png_of
 
 
 def _random_pixels(seed: int, side: int = 4) -> np.ndarray:
@@ -50,20 +42,20 @@ def _random_pixels(seed: int, side: int = 4) -> np.ndarray:
 
 def test_decode_image_scales_to_minus_one_one_and_rejects_what_it_cannot_use() -> None:
     pixels = _random_pixels(0)
-    decoded = decode_image(_png(pixels), image_size=4, resize=False)
+    decoded = decode_image(png_of(pixels), image_size=4, resize=False)
     expected = torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1
     assert decoded is not None and torch.allclose(decoded, expected)
     assert decoded.min() >= -1 and decoded.max() <= 1
     assert decode_image(b"not an image", 4, resize=False) is None
     assert decode_image(None, 4, resize=False) is None
-    assert decode_image(_png(_random_pixels(0, side=8)), 4, resize=False) is None  # wrong size, no resampling
-    assert decode_image(_png(_random_pixels(0, side=8)), 4, resize=True).shape == (3, 4, 4)
+    assert decode_image(png_of(_random_pixels(0, side=8)), 4, resize=False) is None  # wrong size, no resampling
+    assert decode_image(png_of(_random_pixels(0, side=8)), 4, resize=True).shape == (3, 4, 4)
 
 
 def test_encode_pairs_puts_the_preferred_image_first_and_drops_broken_pairs() -> None:
     images = [_random_pixels(seed) for seed in range(6)]
-    jpg_0 = [_png(images[0]), _png(images[2]), b"broken"]
-    jpg_1 = [_png(images[1]), _png(images[3]), _png(images[5])]
+    jpg_0 = [png_of(images[0]), png_of(images[2]), b"broken"]
+    jpg_1 = [png_of(images[1]), png_of(images[3]), png_of(images[5])]
     latents = encode_pairs(jpg_0, jpg_1, preferred=[0, 1, 0], encoder=ToyLatentEncoder(image_size=4))
 
     assert latents.kept.tolist() == [True, True, False]
