@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ppd.config import ATTRIBUTES, PPDConfig
+from ppd.config import ATTRIBUTES, PPDConfig, flatten_tree
 from ppd.eval.evaluate import (
     base_gate,
     build_requests,
@@ -298,16 +298,11 @@ def _track(cfg: PPDConfig, results: dict, out: Path, seed: int) -> None:
 
 def flatten_numbers(tree: dict, prefix: str = "") -> list[tuple[str, float]]:
     """Dotted keys of every number in a nested results dict (lists indexed: ci95.0, ci95.1), for MLflow metrics."""
-    items: list[tuple[str, float]] = []
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            items += flatten_numbers(value, name + ".")
-        elif isinstance(value, list | tuple):
-            items += flatten_numbers({str(i): v for i, v in enumerate(value)}, name + ".")
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            items.append((name, float(value)))
-    return items
+    return [
+        (name, float(value))
+        for name, value in flatten_tree(tree, prefix, index_lists=True)
+        if isinstance(value, int | float) and not isinstance(value, bool)
+    ]
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
