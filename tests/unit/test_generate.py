@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from ppd.config import load_config
 from ppd.eval.generate import VariantGenerator, user_grid, user_grid_rows
@@ -85,3 +86,23 @@ def test_the_grid_is_drawn_with_a_row_per_user(generators, tmp_path) -> None:
     with Image.open(path) as grid:
         width, height = grid.size
     assert width > height  # 2 captions side by side (plus the row labels), 2 rows (base, user 1)
+
+
+def test_a_bounded_caption_cache_drops_the_least_recently_used_caption(cfg) -> None:
+    generator = VariantGenerator(cfg, None, caption_cache_size=2)
+    encoded: list[list[str]] = []  # what reaches the text encoder, call by call
+    encode = generator.encoder.encode_captions
+    generator.encoder.encode_captions = lambda captions: encoded.append(list(captions)) or encode(captions)
+    a, b, c = "a red ring", "a blue cross", "a green square"
+    generator.encode_captions([a, b])
+    generator.encode_captions([a])  # cached; b is now the least recently used
+    generator.encode_captions([c])  # evicts b
+    generator.encode_captions([a])  # still cached; c is now the least recently used
+    generator.encode_captions([b])  # evicts c
+    hidden, pooled = generator.encode_captions([c, a, b, c])  # only c is missing
+    assert encoded == [sorted([a, b]), [c], [b], [c]]  # missing captions go to the encoder sorted
+    # cached rows are what an uncached generator computes, in the order asked for (to float rounding: the encoder's
+    # batches differ)
+    expected_hidden, expected_pooled = VariantGenerator(cfg, None).encode_captions([c, a, b, c])
+    assert hidden.shape == expected_hidden.shape and pooled.shape == expected_pooled.shape
+    assert torch.allclose(hidden, expected_hidden, atol=1e-5) and torch.allclose(pooled, expected_pooled, atol=1e-5)
