@@ -157,3 +157,18 @@ def plot_top_k(report: ClassifierReport, path: str | Path, title: str = "") -> P
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return Path(path)
+
+
+def classifier_summary(classifier: dict, embedder: str) -> dict:
+    """`ppd embed classify`'s output -> the results keys (top16 / chance16 at k = 16, or the largest k computed)."""
+    top_k, chance = classifier["top_k"], classifier["chance"]
+    k = "16" if "16" in top_k else max(top_k, key=int)
+    return {
+        "top16": top_k[k],
+        "chance16": chance[k],
+        "k": int(k),
+        "users": classifier.get("n_users"),
+        "embedder": classifier.get("embedder", embedder),
+        "top_k": top_k,
+        "chance": chance,
+    }

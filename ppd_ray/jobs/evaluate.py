@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from ppd.config import ATTRIBUTES, PPDConfig, flatten_tree
+from ppd.embed.classify import classifier_summary
 from ppd.eval.evaluate import (
     base_gate,
     build_requests,
@@ -238,21 +239,6 @@ def _adapter_items(items: list[str]) -> dict[str, str]:
             raise JobError(f"--adapter {item!r} is not of the form VARIANT=FOLDER")
         adapters[variant] = folder
     return adapters
-
-
-def classifier_summary(classifier: dict, embedder: str) -> dict:
-    """`ppd embed classify`'s output -> the results keys (top16 / chance16 at k = 16, or the largest k computed)."""
-    top_k, chance = classifier["top_k"], classifier["chance"]
-    k = "16" if "16" in top_k else max(top_k, key=int)
-    return {
-        "top16": top_k[k],
-        "chance16": chance[k],
-        "k": int(k),
-        "users": classifier.get("n_users"),
-        "embedder": classifier.get("embedder", embedder),
-        "top_k": top_k,
-        "chance": chance,
-    }
 
 
 def _judge(cfg: PPDConfig, world: Path | None, prepared: Path, seed: int) -> dict:

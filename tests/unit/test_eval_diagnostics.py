@@ -25,7 +25,7 @@ def test_object_diagnostics_tells_drawn_objects_from_flat_images() -> None:
 
 
 def test_classifier_summary_reads_k16_or_the_largest_k() -> None:
-    from ppd_ray.jobs.evaluate import classifier_summary
+    from ppd.embed.classify import classifier_summary
 
     full = {
         "n_users": 30,
