@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ppd.config import ATTRIBUTES
+from ppd.eval.stats import TIE_TOLERANCE
 from ppd.models.checkpoint import save_adapter
 from ppd.models.factory import build_personalized_stage_c
 from ppd_ray.jobs.evaluate import run
@@ -48,9 +49,10 @@ def test_evaluate_scores_every_variant_and_writes_results(
     assert set(on_disk["one_reward"]) == set(ATTRIBUTES)
     for attribute in ATTRIBUTES:
         entry = results["one_reward"][attribute]
-        # an adapter that adds nothing generates the base's images exactly: every paired comparison is a tie
+        # an adapter that adds nothing generates the base's images, up to a few pixels one grey level apart where its
+        # rows are batched differently (CPU kernels): every paired comparison is a tie, the means agree to a tie
         assert entry["win_rate_vs_base"]["value"] == 0.5
-        assert entry["mean"]["ppd"] == pytest.approx(entry["mean"]["base"])
+        assert entry["mean"]["ppd"] == pytest.approx(entry["mean"]["base"], abs=TIE_TOLERANCE)
         assert entry["win_rate_vs_base"]["n"] == 2 * 2
     brightness = results["one_reward"]["brightness"]["mean"]
     # a user-conditioned adapter with non-zero W'_v changes the images...
