@@ -279,7 +279,7 @@ def run_demo(
     from ppd_ray.infra.mlflow_server import tracking_uri
 
     began = time.monotonic()
-    if not (BASE_MODEL_DIR / "config.json").is_file():
+    if not (BASE_MODEL_DIR / "prior" / "config.json").is_file():
         raise JobError(f"{BASE_MODEL_DIR} is missing: run `ppd toy pretrain-base --out {BASE_MODEL_DIR}`")
     workdir = workdir.resolve()
     world = workdir / "toy"
