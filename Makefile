@@ -34,18 +34,18 @@ demo: setup
 	$(BIN)/ppd demo $(DEMO_ARGS)
 
 test: setup
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests --durations=25
 
 test-fast: setup
-	$(BIN)/python -m pytest tests -m "not slow"
+	$(BIN)/python -m pytest tests -m "not slow" --durations=25
 
 lint: setup
-	$(BIN)/ruff check ppd ray_jobs serve tests scripts
-	$(BIN)/ruff format --check ppd ray_jobs serve tests scripts
+	$(BIN)/ruff check ppd ppd_ray tests scripts
+	$(BIN)/ruff format --check ppd ppd_ray tests scripts
 
 format: setup
-	$(BIN)/ruff check --fix ppd ray_jobs serve tests scripts
-	$(BIN)/ruff format ppd ray_jobs serve tests scripts
+	$(BIN)/ruff check --fix ppd ppd_ray tests scripts
+	$(BIN)/ruff format ppd ppd_ray tests scripts
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -324,7 +324,7 @@ class DeploymentSpec(_Section):
 class ServeConfig(_Section):
     """Ray Serve application: Ingress (HTTP) -> Embedder -> Generator, plus the single-replica user store.
 
-    The HTTP bind address is Serve's (`http_options` in serve/config.yaml); the ingress reads it at start-up to
+    The HTTP bind address is Serve's (`http_options` in ppd_ray/serving/config.yaml); the ingress reads it at start-up to
     decide whether auth is on (`auth: auto`).
     """
 
@@ -425,7 +425,8 @@ class PPDConfig(_Section):
     def flatten(self) -> dict[str, str]:
         """Dotted key -> string value, e.g. for MLflow params."""
         return {
-            key: json.dumps(value) if isinstance(value, list) else str(value) for key, value in _flatten(self.to_dict())
+            key: json.dumps(value) if isinstance(value, list) else str(value)
+            for key, value in flatten_tree(self.to_dict())
         }
 
     def with_overrides(self, overrides: Iterable[str]) -> PPDConfig:
@@ -454,11 +455,14 @@ class ConfigError(ValueError):
     """A user-facing configuration mistake (bad preset, override or file)."""
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
+def flatten_tree(tree: dict[str, Any], prefix: str = "", index_lists: bool = False) -> Iterable[tuple[str, Any]]:
+    """(dotted key, leaf) of a nested dict; with `index_lists`, list items are leaves too (`ci95.0`, `ci95.1`)."""
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
+        if index_lists and isinstance(value, list | tuple):
+            value = {str(i): item for i, item in enumerate(value)}
         if isinstance(value, dict):
-            yield from _flatten(value, dotted + ".")
+            yield from flatten_tree(value, dotted + ".", index_lists)
         else:
             yield dotted, value
 

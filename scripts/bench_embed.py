@@ -82,8 +82,8 @@ def main() -> None:
     record("hf_batched_in_process", time.monotonic() - start)
     del embedder
 
-    from ray_jobs.common import init_ray
-    from ray_jobs.embed import run
+    from ppd_ray.jobs.common import init_ray
+    from ppd_ray.jobs.embed import run
 
     init_ray()
     ids = {g.group_id for g in groups}

@@ -33,9 +33,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ppd.check.reduced import built_in  # noqa: E402
 from ppd.config import PPDConfig, load_config  # noqa: E402
-from ppd.models.plan import PICKAPIC_TRAIN_PAIRS, plan_training  # noqa: E402
-from ppd.models.reduced import built_in  # noqa: E402
+from ppd.train.sizing import PICKAPIC_TRAIN_PAIRS, size_training  # noqa: E402
 
 BEGIN, END = "<!-- gpu-check:begin -->", "<!-- gpu-check:end -->"
 REAL_EMBEDDING_SHAPE = (29, 3584)  # LLaVA-OneVision 7B, every layer's final-token state
@@ -234,7 +234,7 @@ def run(args: argparse.Namespace) -> dict:
     peak = dense_bf16_peak(name) if device.type == "cuda" else None
     print(f"[gpu-check] {name}: {cfg.preset} ({cfg.model.architecture}, {cfg.model.dtype})", flush=True)
 
-    flops_per_pair = plan_training(cfg, embedding_shape).flops_per_pair  # meta device, same step
+    flops_per_pair = size_training(cfg, embedding_shape).flops_per_pair  # meta device, same step
     model = build_model(cfg, embedding_shape, device)
     parameters = {
         "base": sum(p.numel() for p in model.base.parameters()),

@@ -138,7 +138,11 @@ async def _send(client: httpx.AsyncClient, path: str, body: object) -> int:
 
 
 async def run_requests(
-    url: str, plan: list[tuple[str, object, int]], concurrency: int, token: str | None = None, timeout_s: float = 120
+    url: str,
+    requests_to_send: list[tuple[str, object, int]],
+    concurrency: int,
+    token: str | None = None,
+    timeout_s: float = 120,
 ) -> LoadReport:
     """Send (path, body, expected status) requests at a fixed concurrency; latency and status accounting."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -146,7 +150,7 @@ async def run_requests(
     latencies: list[float] = []
     statuses: dict[str, int] = {}
     unexpected, client_errors, examples = 0, 0, []
-    queue = list(enumerate(plan))
+    queue = list(enumerate(requests_to_send))
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout_s, limits=limits) as client:
 
         async def worker() -> None:
@@ -171,10 +175,10 @@ async def run_requests(
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         seconds = time.perf_counter() - began
     return LoadReport(
-        requests=len(plan),
+        requests=len(requests_to_send),
         concurrency=concurrency,
         seconds=round(seconds, 2),
-        requests_per_s=round(len(plan) / seconds, 1),
+        requests_per_s=round(len(requests_to_send) / seconds, 1),
         p50_ms=round(percentile(latencies, 50) * 1000, 1),
         p95_ms=round(percentile(latencies, 95) * 1000, 1),
         p99_ms=round(percentile(latencies, 99) * 1000, 1),
@@ -198,7 +202,7 @@ def register_users(url: str, count: int, token: str | None = None) -> list[str]:
     return handles
 
 
-def generation_plan(handles: list[str], count: int, steps: int, seed: int = 0) -> list[tuple[str, object, int]]:
+def generation_requests(handles: list[str], count: int, steps: int, seed: int = 0) -> list[tuple[str, object, int]]:
     """`count` valid generation requests spread over the users (each its own user tokens) and captions."""
     rng = random.Random(seed)
     return [
@@ -216,10 +220,10 @@ def load_plan(handles: list[str], requests: int, malformed: float, steps: int, s
     rng = random.Random(seed)
     bad = malformed_requests(handles[0])
     n_bad = round(requests * malformed)
-    plan = generation_plan(handles, requests - n_bad, steps, seed)
-    plan += [(path, body, status) for _, path, body, status in (bad[i % len(bad)] for i in range(n_bad))]
-    rng.shuffle(plan)
-    return plan
+    requests_to_send = generation_requests(handles, requests - n_bad, steps, seed)
+    requests_to_send += [(path, body, status) for _, path, body, status in (bad[i % len(bad)] for i in range(n_bad))]
+    rng.shuffle(requests_to_send)
+    return requests_to_send
 
 
 def measure_load(url: str, handles: list[str], requests: int, concurrency: int, malformed: float, steps: int) -> dict:
@@ -236,8 +240,8 @@ def measure_batching(
     results = {}
     for label, size in (("unbatched", 1), ("batched", batch_size)):
         generator.reconfigure.remote({"max_batch_size": size, "batch_wait_timeout_s": wait_s}).result()
-        asyncio.run(run_requests(url, generation_plan(handles, concurrency, steps, seed=99), concurrency))  # warm
-        report = asyncio.run(run_requests(url, generation_plan(handles, requests, steps, seed=1), concurrency))
+        asyncio.run(run_requests(url, generation_requests(handles, concurrency, steps, seed=99), concurrency))  # warm
+        report = asyncio.run(run_requests(url, generation_requests(handles, requests, steps, seed=1), concurrency))
         results[label] = {
             "max_batch_size": size,
             "images_per_s": report.requests_per_s,
@@ -296,11 +300,11 @@ def measure_kill(
     replicas = _generator_replica_actors()
     if len(replicas) < 2:
         raise RuntimeError(f"kill mode needs 2 generator replicas, found {len(replicas)}")
-    plan = generation_plan(handles, requests, steps, seed=7)
+    requests_to_send = generation_requests(handles, requests, steps, seed=7)
     kill_info: dict[str, float] = {}
 
     async def load_and_kill() -> LoadReport:
-        load = asyncio.create_task(run_requests(url, plan, concurrency))
+        load = asyncio.create_task(run_requests(url, requests_to_send, concurrency))
         await asyncio.sleep(1.0)
         kill_info["killed_at"] = time.perf_counter()
         ray.kill(replicas[0], no_restart=True)  # Serve's controller notices and starts a replacement
@@ -334,24 +338,15 @@ def measure_kill(
 # --- a local app -------------------------------------------------------------------------------------------------
 
 
-def random_adapter(cfg, directory: Path, value_std: float = 0.5, seed: int = 1, base_model: Path | None = None) -> Path:
-    """An adapter with random non-zero W'_v (adapter on != off) for the embedder's [N, d] embeddings, on the tiny
-    random Stage C or on `base_model` (a tiny Stage C folder such as assets/toy_base, recorded as the adapter's base)."""
-    import torch
-
-    from ppd.models.checkpoint import save_adapter
-    from ppd.models.factory import build_personalized_stage_c
+def random_adapter(cfg, directory: Path, base_model: Path | None = None) -> Path:
+    """A ppd adapter with random non-zero W'_v (adapter on != off) for the tiny embedder's [N, d] embeddings, on the
+    tiny random Stage C or on `base_model` (a tiny Stage C folder such as assets/toy_base, recorded as its base)."""
+    from ppd.models.factory import save_random_adapter
 
     model_cfg = cfg.model
     if base_model is not None:
         model_cfg = model_cfg.model_copy(update={"stage_c_path": str(Path(base_model).resolve())})
-    model = build_personalized_stage_c(model_cfg, (cfg.data.shots, 64))  # pairdiff tiny: [N = shots, 64]
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for kv in model.adapter.user_kv.values():
-            kv.to_v.weight.copy_(value_std * torch.randn(kv.to_v.weight.shape, generator=generator))
-    base = "tiny" if base_model is None else model_cfg.stage_c_path
-    return save_adapter(model, directory, architecture="tiny", base_model=base, train_method="ppd")
+    return save_random_adapter(model_cfg, directory, (cfg.data.shots, 64))  # pairdiff tiny: [N = shots, 64]
 
 
 def deploy(cfg, port: int) -> str:
@@ -359,8 +354,8 @@ def deploy(cfg, port: int) -> str:
     import ray
     from ray import serve
 
-    from ray_jobs.ray_auth import use_private_token
-    from serve.app import compose
+    from ppd_ray.infra.ray_auth import use_private_token
+    from ppd_ray.serving.app import compose
 
     if not ray.is_initialized():
         use_private_token()  # a local Ray of our own: its own token, nothing read from or written to $HOME

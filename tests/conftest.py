@@ -17,7 +17,7 @@ def ray_local():
     """A local Ray shared by every test that needs one (start-up costs seconds)."""
     import ray
 
-    from ray_jobs.ray_auth import use_private_token
+    from ppd_ray.infra.ray_auth import use_private_token
 
     if not ray.is_initialized():
         use_private_token()  # as every Ray the project starts: a token of its own, never the one in $HOME

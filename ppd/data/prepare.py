@@ -1,7 +1,7 @@
 """Preparation of preference pairs: row checks, splits and leakage-free few-shot groups (pure; no Ray).
 
-The Ray job (`ray_jobs/prepare.py`) streams shards through `scan_shard` and `annotate_shard`; the global decisions
-(which user/caption goes where, which pairs form groups) are made once by `plan_preparation` on a small metadata
+The Ray job (`ppd_ray/jobs/prepare.py`) streams shards through `scan_shard` and `write_shard`; the global decisions
+(which user/caption goes where, which pairs form groups) are made once by `assign_splits` on a small metadata
 table (one row per pair, no images).
 
 Splits (paper 5.2, B.4): captions are hashed into train / validation / test; users into seen / unseen.
@@ -107,11 +107,11 @@ def user_is_unseen(user_id: int, cfg: DataConfig) -> bool:
     return stable_unit(cfg.seed, "user", int(user_id)) < cfg.test_unseen_user_fraction
 
 
-# --- the plan -------------------------------------------------------------------------------------------------------
+# --- the split and group assignment ----------------------------------------------------------------------------------
 
 
 @dataclass
-class PreparationPlan:
+class SplitAssignment:
     """Where each pair goes and which groups exist.
 
     rows: one row per input pair: pair_id, split (None if rejected), reason (None if kept), context_group_id
@@ -123,7 +123,7 @@ class PreparationPlan:
     groups: pd.DataFrame
 
 
-def plan_preparation(meta: pd.DataFrame, cfg: DataConfig) -> PreparationPlan:
+def assign_splits(meta: pd.DataFrame, cfg: DataConfig) -> SplitAssignment:
     """Decide splits, rejections and few-shot groups from per-pair metadata.
 
     `meta` columns: pair_id (unique int), user_id, caption, reason (row-check reason or None).
@@ -157,7 +157,7 @@ def plan_preparation(meta: pd.DataFrame, cfg: DataConfig) -> PreparationPlan:
     member_of = {pid: gid for gid, pids in zip(groups["group_id"], groups["pair_ids"], strict=True) for pid in pids}
     rows["context_group_id"] = pd.array([member_of.get(p) for p in rows["pair_id"]], dtype="Int64")
     rows["condition_group_id"] = pd.array(_condition_groups(rows, groups, cfg), dtype="Int64")
-    return PreparationPlan(
+    return SplitAssignment(
         rows=rows[["pair_id", "split", "reason", "context_group_id", "condition_group_id"]], groups=groups
     )
 
@@ -198,20 +198,22 @@ def _condition_groups(rows: pd.DataFrame, groups: pd.DataFrame, cfg: DataConfig)
     return chosen
 
 
-def accounting(input_rows: int, plan: PreparationPlan, file_rejections: dict[str, int]) -> dict:
+def accounting(input_rows: int, assignment: SplitAssignment, file_rejections: dict[str, int]) -> dict:
     """{"input_rows", "kept": {split: n}, "rejected": {reason: n}, ...} with input_rows == kept + rejected."""
-    kept = {s: int((plan.rows["split"] == s).sum()) for s in SPLITS}
+    kept = {s: int((assignment.rows["split"] == s).sum()) for s in SPLITS}
     rejected = {r: 0 for r in (*FILE_REASONS, *ROW_REASONS, *PLAN_REASONS)}
-    for reason, n in plan.rows["reason"].dropna().value_counts().items():
+    for reason, n in assignment.rows["reason"].dropna().value_counts().items():
         rejected[str(reason)] += int(n)
     for reason, n in file_rejections.items():
         rejected[reason] += n
-    unconditioned = {s: int(((plan.rows["split"] == s) & plan.rows["condition_group_id"].isna()).sum()) for s in SPLITS}
+    unconditioned = {
+        s: int(((assignment.rows["split"] == s) & assignment.rows["condition_group_id"].isna()).sum()) for s in SPLITS
+    }
     return {
         "input_rows": int(input_rows),
         "kept": kept,
         "rejected": rejected,
-        "groups": {p: int((plan.groups["pool"] == p).sum()) for p in ("seen", "unseen")},
+        "groups": {p: int((assignment.groups["pool"] == p).sum()) for p in ("seen", "unseen")},
         "unconditioned_pairs": unconditioned,
     }
 

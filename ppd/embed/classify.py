@@ -1,7 +1,7 @@
 """Which user wrote these pairs? A classifier on frozen user embeddings (paper Fig. 2), with top-k accuracy vs chance.
 
 Take the users with the most groups (paper: 300 users with the most pairs), hold out some groups of every user,
-train a multinomial logistic regression (a linear softmax layer, L2-regularised, full-batch) on the rest, and report
+train a multinomial logistic regression (scikit-learn; a linear softmax layer, L2-regularised) on the rest, and report
 top-k accuracy on the held-out groups for k = 1..16 against chance k / n_users. A linear probe keeps the question
 about the embedding, not about the classifier.
 """
@@ -9,13 +9,16 @@ about the embedding, not about the classifier.
 from __future__ import annotations
 
 import json
+import warnings
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import torch
+from sklearn.exceptions import ConvergenceWarning, UndefinedMetricWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import top_k_accuracy_score
 
 Pooling = Literal["flatten", "mean"]
 
@@ -71,33 +74,26 @@ def split_by_user(
 
 def top_k_accuracy(scores: np.ndarray, labels: np.ndarray, ks: list[int]) -> dict[int, float]:
     """Share of rows whose true label is among the k highest scores, for each k. scores [n, C], labels [n]."""
-    order = np.argsort(-scores, axis=1)  # [n, C]
-    rank = np.argmax(order == labels[:, None], axis=1)  # [n]: position of the true label
-    return {k: float(np.mean(rank < k)) for k in ks}
+    classes = np.arange(scores.shape[1])
+    binary = scores.shape[1] == 2  # scikit-learn takes the positive class's score alone then
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)  # k >= classes: 1.0, as it should be
+        return {
+            k: float(top_k_accuracy_score(labels, scores[:, 1] if binary else scores, k=k, labels=classes)) for k in ks
+        }
 
 
 def fit_linear_probe(
-    x: np.ndarray, y: np.ndarray, n_classes: int, weight_decay: float = 1e-3, steps: int = 300, seed: int = 0
-) -> torch.nn.Linear:
-    """Multinomial logistic regression, full-batch L-BFGS on standardised features x [n, f], labels y [n]."""
-    generator = torch.Generator().manual_seed(seed)
-    inputs = torch.as_tensor(x, dtype=torch.float32)
-    targets = torch.as_tensor(y, dtype=torch.long)
-    probe = torch.nn.Linear(inputs.shape[1], n_classes)
-    with torch.no_grad():
-        probe.weight.normal_(0, 0.01, generator=generator)
-        probe.bias.zero_()
-    optimiser = torch.optim.LBFGS(probe.parameters(), lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+    x: np.ndarray, y: np.ndarray, weight_decay: float = 1e-3, max_iter: int = 300
+) -> LogisticRegression:
+    """Multinomial logistic regression (softmax), L2-regularised, on standardised features x [n, f], labels y [n].
 
-    def closure() -> torch.Tensor:
-        optimiser.zero_grad()
-        loss = torch.nn.functional.cross_entropy(probe(inputs), targets)
-        loss = loss + weight_decay * probe.weight.pow(2).sum() / 2
-        loss.backward()
-        return loss
-
-    optimiser.step(closure)
-    return probe
+    The objective is mean cross-entropy + weight_decay / 2 · ‖W‖² (bias not penalised): scikit-learn's C is
+    1 / (weight_decay · n). L-BFGS, deterministic."""
+    probe = LogisticRegression(C=1.0 / (weight_decay * len(x)), solver="lbfgs", max_iter=max_iter, tol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # a separable toy problem never stops improving
+        return probe.fit(x, y)
 
 
 def evaluate_user_classifier(
@@ -125,10 +121,9 @@ def evaluate_user_classifier(
     x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
     y_train = np.array([label_of[group_users[g]] for g in train])
     y_test = np.array([label_of[group_users[g]] for g in test])
-    probe = fit_linear_probe(x_train, y_train, len(users), weight_decay=weight_decay, seed=seed)
-    with torch.no_grad():
-        test_scores = probe(torch.as_tensor(x_test, dtype=torch.float32)).numpy()  # [n_test, n_users]
-        train_scores = probe(torch.as_tensor(x_train, dtype=torch.float32)).numpy()
+    probe = fit_linear_probe(x_train, y_train, weight_decay=weight_decay)
+    test_scores = probe.predict_proba(x_test)  # [n_test, n_users]: softmax of the logits, the same order per row
+    train_scores = probe.predict_proba(x_train)
     ks = list(range(1, min(max_k, len(users)) + 1))
     return ClassifierReport(
         n_users=len(users),
@@ -162,3 +157,18 @@ def plot_top_k(report: ClassifierReport, path: str | Path, title: str = "") -> P
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return Path(path)
+
+
+def classifier_summary(classifier: dict, embedder: str) -> dict:
+    """`ppd embed classify`'s output -> the results keys (top16 / chance16 at k = 16, or the largest k computed)."""
+    top_k, chance = classifier["top_k"], classifier["chance"]
+    k = "16" if "16" in top_k else max(top_k, key=int)
+    return {
+        "top16": top_k[k],
+        "chance16": chance[k],
+        "k": int(k),
+        "users": classifier.get("n_users"),
+        "embedder": classifier.get("embedder", embedder),
+        "top_k": top_k,
+        "chance": chance,
+    }

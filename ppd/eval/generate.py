@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from cachetools import LRUCache
 
 from ppd.config import PPDConfig
 from ppd.eval.image_rewards import load_image_rewards, score_images
+from ppd.eval.report import image_grid
 from ppd.eval.rewards import png_bytes, to_uint8_images
 from ppd.models.checkpoint import load_adapter, read_adapter_checkpoint
 from ppd.models.factory import build_personalized_stage_c, latent_shape, load_caption_encoder, load_decoder
@@ -46,28 +49,38 @@ class VariantGenerator:
         self.encoder = load_caption_encoder(cfg.model, device)
         self.decoder = load_decoder(cfg.model, device)
         self.latent_shape = latent_shape(cfg.model)
-        self._captions: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._captions: MutableMapping[str, tuple[torch.Tensor, torch.Tensor]] = (
+            {} if caption_cache_size is None else LRUCache(maxsize=caption_cache_size)
+        )
 
     def encode_captions(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Text states ([B, S, C_t], [B, 1, C_t]) of `captions`; each distinct caption is encoded once per model."""
-        missing = sorted({c for c in captions if c not in self._captions})
+        """Text states ([B, S, C_t], [B, 1, C_t]) of `captions`; each distinct caption is encoded once per model
+        (while it stays in a bounded cache: the least recently used caption goes first)."""
+        known = {c: self._captions[c] for c in dict.fromkeys(captions) if c in self._captions}
+        missing = sorted(set(captions) - known.keys())
         if missing:
-            if self.caption_cache_size is not None and len(self._captions) + len(missing) > self.caption_cache_size:
-                self._captions.clear()
             hidden, pooled = self.encoder.encode_captions(missing)
-            self._captions.update({c: (hidden[i], pooled[i]) for i, c in enumerate(missing)})
-        hidden = torch.stack([self._captions[c][0] for c in captions])  # [B, S, C_t]
-        pooled = torch.stack([self._captions[c][1] for c in captions])  # [B, 1, C_t]
+            for i, caption in enumerate(missing):
+                known[caption] = self._captions[caption] = (hidden[i], pooled[i])
+        hidden = torch.stack([known[c][0] for c in captions])  # [B, S, C_t]
+        pooled = torch.stack([known[c][1] for c in captions])  # [B, 1, C_t]
         return hidden, pooled
 
     def generate(
         self,
         captions: list[str],
         seeds: list[int],
-        user_embeddings: np.ndarray | None = None,
-        user_scale: float | None = None,
+        user_embeddings: np.ndarray | torch.Tensor | None = None,
+        user_scale: float | Sequence[float] | torch.Tensor | None = None,
+        *,
+        steps: int | None = None,
+        guidance: float | None = None,
     ) -> np.ndarray:
-        """uint8 images [B, H, W, 3]; `user_embeddings` [B, L, d] (ignored by the base and by a dpo adapter)."""
+        """uint8 images [B, H, W, 3], one seed per row.
+
+        `user_embeddings` [B, L, d] condition a ppd / sft adapter (the base ignores them, a dpo adapter conditions on
+        its one population user instead); `user_scale` is s for every row or per row [B] (default: the config's;
+        s = 0 on a row is exactly the base model there); `steps` and `guidance` default to the evaluation's."""
         hidden, pooled = self.encode_captions(captions)
         users = None
         if self.method == "dpo":
@@ -76,6 +89,10 @@ class VariantGenerator:
             if user_embeddings is None:
                 raise ValueError(f"a {self.method} adapter needs user embeddings [B, L, d]")
             users = torch.as_tensor(np.asarray(user_embeddings, dtype=np.float32))  # [B, L, d]
+        if user_scale is None:
+            user_scale = self.cfg.model.user_scale
+        elif not isinstance(user_scale, float | int):
+            user_scale = torch.as_tensor(user_scale, dtype=torch.float32)  # [B]
         images = generate_images(
             self.model,
             self.decoder,
@@ -84,12 +101,35 @@ class VariantGenerator:
             seeds=seeds,
             latent_shape=self.latent_shape,
             user_embedding=users,
-            user_scale=self.cfg.model.user_scale if user_scale is None else user_scale,
-            steps=self.cfg.eval.inference_steps,
-            guidance=self.cfg.eval.guidance,
+            user_scale=user_scale,
+            steps=self.cfg.eval.inference_steps if steps is None else steps,
+            guidance=self.cfg.eval.guidance if guidance is None else guidance,
             unconditional_text=self.encoder.unconditional_text(),
         )
         return to_uint8_images(images)
+
+
+def user_grid_rows(
+    generator: VariantGenerator, captions: list[str], users: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """One model variant's sample grid as rows of uint8 images [K, H, W, 3]: "base" (s = 0: the base model), then
+    one row per user ({label: embedding [L, d]}); a column per caption, generated with seed = column index."""
+    seeds = list(range(len(captions)))
+    any_user = next(iter(users.values()), np.zeros(generator.embedding_shape, np.float32))  # s = 0: never read
+
+    def each_column(embedding: np.ndarray) -> np.ndarray:
+        return np.repeat(np.asarray(embedding, np.float32)[None], len(captions), axis=0)  # [K, L, d]
+
+    rows = {"base": generator.generate(captions, seeds, each_column(any_user), user_scale=0.0)}
+    for label, embedding in users.items():
+        rows[label] = generator.generate(captions, seeds, each_column(embedding))
+    return rows
+
+
+def user_grid(generator: VariantGenerator, captions: list[str], users: dict[str, np.ndarray], path: Path) -> Path:
+    """`user_grid_rows` drawn as a labelled grid (`ppd.eval.report.image_grid`) saved to `path`."""
+    rows = user_grid_rows(generator, captions, users)
+    return image_grid(list(rows.values()), list(rows), captions, path)
 
 
 class GenerationStage:

@@ -6,48 +6,26 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from ppd.eval.real_data import BASE
-
-THUMBNAIL = 128  # px: generated images are up to 1024 px; the grid shows them small
+from ppd.eval.report import _matplotlib, image_grid
 
 
 def user_variant_grid(scored: pd.DataFrame, images: np.ndarray, path: Path, users: int = 6) -> Path | None:
     """Rows: evaluated users (first caption, first seed of each); columns: the base, then every variant."""
     if scored.empty:
         return None
-    from ppd.eval.report import _matplotlib
-
     variants = [BASE, *sorted(set(scored["variant"]) - {BASE})]
     first = scored.sort_values(["split", "user_id", "caption", "seed"]).drop_duplicates("user_id")[: max(1, users)]
-    plt = _matplotlib()
-    fig, axes = plt.subplots(
-        len(first), len(variants), figsize=(1.5 * len(variants) + 1, 1.5 * len(first)), squeeze=False
-    )
-    for r, user in enumerate(first.itertuples()):
-        for c, variant in enumerate(variants):
-            match = scored[
-                (scored["variant"] == variant)
-                & (scored["user_id"] == user.user_id)
-                & (scored["caption"] == user.caption)
-                & (scored["seed"] == user.seed)
-            ]
-            axis = axes[r][c]
-            axis.set_xticks([])
-            axis.set_yticks([])
-            if len(match):
-                thumbnail = Image.fromarray(images[match.index[0]])
-                thumbnail.thumbnail((THUMBNAIL, THUMBNAIL))
-                axis.imshow(np.asarray(thumbnail))
-            if r == 0:
-                axis.set_title(variant, fontsize=7)
-            if c == 0:
-                axis.set_ylabel(f"{user.split}\nuser {user.user_id}", fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    cells = []
+    for user in first.itertuples():
+        same_prompt = scored[
+            (scored["user_id"] == user.user_id) & (scored["caption"] == user.caption) & (scored["seed"] == user.seed)
+        ]
+        matches = [same_prompt[same_prompt["variant"] == variant] for variant in variants]
+        cells.append([images[match.index[0]] if len(match) else None for match in matches])
+    labels = [f"{user.split}\nuser {user.user_id}" for user in first.itertuples()]
+    return image_grid(cells, labels, variants, path, cell_inches=1.5)
 
 
 def reward_win_bars(reward_summary: dict, path: Path, split: str = "all") -> Path | None:
@@ -60,7 +38,6 @@ def reward_win_bars(reward_summary: dict, path: Path, split: str = "all") -> Pat
     ]
     if not bars:
         return None
-    from ppd.eval.report import _matplotlib
 
     plt = _matplotlib()
     values = np.array([estimate["value"] for _, estimate in bars])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,7 +105,38 @@ def _matplotlib():
     return plt
 
 
-def sample_grid(scored: pd.DataFrame, images: np.ndarray, path: Path, columns: int = 6, scale: int = 4) -> Path | None:
+def image_grid(
+    rows: Sequence[Sequence[np.ndarray | None]],
+    row_labels: Sequence[str],
+    column_labels: Sequence[str],
+    path: Path,
+    cell_inches: float = 1.3,
+) -> Path:
+    """uint8 images [H, W, 3] in a labelled grid saved to `path`: a label left of each row, one above each column;
+    None leaves a cell empty. Every sample grid (evaluation, real data, a training run's MLflow grid) is drawn here."""
+    plt = _matplotlib()
+    columns = max(1, len(column_labels))
+    fig, axes = plt.subplots(
+        len(rows), columns, figsize=(cell_inches * columns + 1.2, cell_inches * len(rows)), squeeze=False
+    )
+    for r, row in enumerate(rows):
+        for c in range(columns):
+            axis = axes[r][c]
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if c < len(row) and row[c] is not None:
+                axis.imshow(row[c])  # small images are upsampled nearest-neighbour, large ones antialiased
+            if r == 0:
+                axis.set_title(column_labels[c], fontsize=6)
+            if c == 0:
+                axis.set_ylabel(row_labels[r], fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def sample_grid(scored: pd.DataFrame, images: np.ndarray, path: Path, columns: int = 6) -> Path | None:
     """Rows: the base, then PPD for each one-reward user; columns: captions (seed of the first request)."""
     rows = scored[scored.experiment == "one_reward"].reset_index(drop=True)
     if rows.empty:
@@ -116,26 +148,12 @@ def sample_grid(scored: pd.DataFrame, images: np.ndarray, path: Path, columns: i
         (f"ppd: {a}", rows[(rows.variant == "ppd") & (rows.user_id == u)])
         for a, u in zip(ATTRIBUTES, sorted(rows[rows.variant == "ppd"].user_id.unique()), strict=False)
     ]
-    plt = _matplotlib()
-    fig, axes = plt.subplots(
-        len(lines), len(captions), figsize=(1.3 * len(captions) + 1.2, 1.3 * len(lines)), squeeze=False
-    )
-    for r, (label, frame) in enumerate(lines):
-        for c, caption in enumerate(captions):
-            match = frame[(frame.caption == caption) & (frame.seed == first_seed)]
-            axis = axes[r][c]
-            axis.set_xticks([])
-            axis.set_yticks([])
-            if len(match):
-                axis.imshow(images[match.index[0]].repeat(scale, 0).repeat(scale, 1))
-            if r == 0:
-                axis.set_title(caption.replace("a picture of ", "").replace("an image showing ", ""), fontsize=6)
-            if c == 0:
-                axis.set_ylabel(label, fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    cells = []
+    for _, frame in lines:
+        matches = [frame[(frame.caption == caption) & (frame.seed == first_seed)] for caption in captions]
+        cells.append([images[match.index[0]] if len(match) else None for match in matches])
+    short_captions = [c.replace("a picture of ", "").replace("an image showing ", "") for c in captions]
+    return image_grid(cells, [label for label, _ in lines], short_captions, path)
 
 
 def win_rate_bars(results: dict, path: Path) -> Path:

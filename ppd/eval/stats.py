@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import stats
 
 
 @dataclass(frozen=True)
@@ -37,27 +38,40 @@ def win_outcomes(scores: np.ndarray, baseline_scores: np.ndarray, tie_tolerance:
 def bootstrap_mean(
     values: np.ndarray, samples: int = 1000, seed: int = 0, groups: np.ndarray | None = None
 ) -> Estimate:
-    """Mean of `values` with a percentile bootstrap 95% CI.
+    """Mean of `values` with a percentile bootstrap 95% CI (`scipy.stats.bootstrap`).
 
     With `groups` (e.g. user ids), whole groups are resampled: comparisons of one user are not independent, so
-    resampling users gives the honest interval for "a new user drawn from the same population".
+    resampling users gives the honest interval for "a new user drawn from the same population". A resample's
+    statistic is then the mean over every comparison of the groups drawn (groups weighted by their size).
     """
     values = np.asarray(values, float)
     if values.size == 0:
         return Estimate(float("nan"), (float("nan"), float("nan")), 0)
-    rng = np.random.default_rng(seed)
+    mean = float(values.mean())
     if groups is None:
-        draws = rng.integers(0, values.size, (samples, values.size))
-        means = values[draws].mean(axis=1)
+        data, statistic = values, np.mean
     else:
-        groups = np.asarray(groups)
-        labels, inverse = np.unique(groups, return_inverse=True)
+        labels, inverse = np.unique(np.asarray(groups), return_inverse=True)
         sums = np.bincount(inverse, weights=values, minlength=len(labels))  # per group
         counts = np.bincount(inverse, minlength=len(labels)).astype(float)
-        draws = rng.integers(0, len(labels), (samples, len(labels)))
-        means = sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return Estimate(float(values.mean()), (float(low), float(high)), int(values.size))
+        data = np.arange(len(labels))  # resampled: group indices
+
+        def statistic(drawn: np.ndarray, axis: int = -1) -> np.ndarray:
+            return sums[drawn].sum(axis=axis) / counts[drawn].sum(axis=axis)
+
+    if data.size < 2:  # one observation (or one group): every resample is the sample itself
+        return Estimate(mean, (mean, mean), int(values.size))
+    result = stats.bootstrap(
+        (data,),
+        statistic,
+        n_resamples=samples,
+        method="percentile",
+        confidence_level=0.95,
+        vectorized=True,
+        rng=np.random.default_rng(seed),
+    )
+    interval = result.confidence_interval
+    return Estimate(mean, (float(interval.low), float(interval.high)), int(values.size))
 
 
 def win_rate(
@@ -71,21 +85,9 @@ def win_rate(
     return bootstrap_mean(win_outcomes(scores, baseline_scores), samples=samples, seed=seed, groups=groups)
 
 
-def average_ranks(values: np.ndarray) -> np.ndarray:
-    """Ranks 1..n, tied values sharing the mean of their ranks."""
-    values = np.asarray(values, float)
-    order = np.argsort(values, kind="mergesort")
-    ranks = np.empty(len(values))
-    ranks[order] = np.arange(1, len(values) + 1)
-    for value in np.unique(values):
-        tied = values == value
-        ranks[tied] = ranks[tied].mean()
-    return ranks
-
-
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman rank correlation (Pearson correlation of average ranks); NaN when either side is constant."""
-    rx, ry = average_ranks(x), average_ranks(y)
-    if rx.std() == 0 or ry.std() == 0:
+    """Spearman rank correlation (average ranks for ties); NaN when either side is constant."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if np.ptp(x) == 0 or np.ptp(y) == 0:  # scipy would warn and answer NaN
         return float("nan")
-    return float(np.corrcoef(rx, ry)[0, 1])
+    return float(stats.spearmanr(x, y).statistic)

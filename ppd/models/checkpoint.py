@@ -6,6 +6,7 @@ format or version, no weights whose names or shapes differ from what the JSON de
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -38,7 +39,7 @@ class AdapterCheckpointMeta(BaseModel):
     adapter: AdapterConfig
     architecture: str = Field(description="Stage C architecture the adapter was trained on")
     base_model: str = Field(description="path or hub id of the Stage C weights (or 'tiny' for the local tiny model)")
-    train_method: Literal["ppd", "dpo", "sft"] = Field(description="dpo adapters expect the zero user embedding")
+    train_method: Literal["ppd", "dpo", "sft"] = Field(description="dpo adapters condition on the one population user")
     extra: dict[str, Any] = Field(default_factory=dict, description="free-form provenance (step, run id, ...)")
 
     @property
@@ -122,3 +123,12 @@ def load_adapter(
         )
     model.adapter.load_state_dict(weights, strict=True)
     return meta
+
+
+def frozen_base_digest(model: PersonalizedStageC) -> str:
+    """sha256 over the frozen base's state dict (names and bytes, in name order): training must never change it."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.base.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

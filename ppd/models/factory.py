@@ -147,6 +147,18 @@ def load_tiny_stage_ba_decoder(cache_dir: str | Path, device: torch.device | str
     return load_stage_ba_decoder(tiny_models_dir(cache_dir), TINY_STAGE_B_SCALE, device=device)
 
 
+def resolved_model_config(cfg: ModelConfig) -> ModelConfig:
+    """`cfg` with its local paths made absolute: Ray workers do not run in the driver's directory.
+
+    The tiny-model cache always; weights paths when they name a local directory (hub ids stay as they are)."""
+    update = {"cache_dir": str(Path(cfg.cache_dir).resolve())}
+    for field in ("stage_c_path", "decoder_path"):
+        value = getattr(cfg, field)
+        if value is not None and Path(value).exists():
+            update[field] = str(Path(value).resolve())
+    return cfg.model_copy(update=update)
+
+
 def latent_shape(cfg: ModelConfig) -> tuple[int, int, int]:
     """Stage C latent [C, H, W] of `cfg` (12 x 8 x 8 for the toy world, 16 x 24 x 24 for 1024 px)."""
     return (stage_c_unet_config(cfg.architecture)["in_channels"], cfg.latent_size, cfg.latent_size)
@@ -198,3 +210,25 @@ def parameter_report(model: PersonalizedStageC) -> dict[str, int]:
         **adapter_counts,
         "w_k_plus_w_v": adapter_counts["w_k"] + adapter_counts["w_v"],
     }
+
+
+def save_random_adapter(
+    cfg: ModelConfig,
+    directory: str | Path,
+    embedding_shape: tuple[int, int],
+    *,
+    method: str = "ppd",
+    value_std: float = 0.5,
+    seed: int = 1,
+) -> Path:
+    """An untrained adapter whose W'_v is random instead of zero (so the adapter on differs from off), saved as a
+    checkpoint of `method` on `cfg`'s Stage C: a stand-in for a trained adapter in load tests and benchmarks."""
+    from ppd.models.checkpoint import save_adapter
+
+    model = build_personalized_stage_c(cfg, embedding_shape)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for kv in model.adapter.user_kv.values():
+            kv.to_v.weight.copy_(value_std * torch.randn(kv.to_v.weight.shape, generator=generator))
+    base_model = cfg.stage_c_path or "tiny"
+    return save_adapter(model, directory, architecture=cfg.architecture, base_model=base_model, train_method=method)

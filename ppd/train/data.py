@@ -1,6 +1,6 @@
 """Precomputed training inputs: the on-disk layout, its lookup tables, and rows -> `training_step` batches.
 
-The precompute job (`ray_jobs/precompute.py`) writes, under one directory D:
+The precompute job (`ppd_ray/jobs/precompute.py`) writes, under one directory D:
 
     D/manifest.json                   PrecomputedManifest: shapes, row counts, file order, provenance
     D/<split>/part-*.parquet          one row per trainable pair, in a seeded random order (PAIR_COLUMNS)
@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import pyarrow as pa
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from safetensors import SafetensorError, safe_open
 
 from ppd.config import TrainConfig
 
@@ -35,6 +36,7 @@ CAPTIONS_FILE = "captions.safetensors"
 CAPTIONS_INDEX = "captions.parquet"
 EMBEDDINGS_FILE = "user_embeddings.safetensors"
 EMBEDDINGS_INDEX = "user_embeddings.parquet"
+T = TypeVar("T")
 FORMAT = "ppd-precomputed"
 FORMAT_VERSION = 1
 
@@ -65,51 +67,45 @@ class PrecomputedError(ValueError):
 
 
 class TensorTable:
-    """Named tensors of one safetensors file sharing a leading row dimension, read through memory maps.
+    """Named tensors of one safetensors file sharing a leading row dimension, read row by row.
 
-    `rows(name, indices)` copies only the requested rows. The file is a standard safetensors file
-    (`safetensors.torch.load_file` reads it too); `create` writes one in place without holding it in memory.
+    `rows(name, indices)` copies only the requested rows (`safe_open(...).get_slice`: the file is memory-mapped, so
+    a worker touches only the rows its batches name and the workers of one node share the pages). `create` writes
+    such a file in place without holding it in memory.
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        header, data_start = _read_header(self.path)
-        self.metadata: dict[str, str] = header.pop("__metadata__", {})
-        self._arrays: dict[str, np.memmap] = {}
-        self._dtypes: dict[str, str] = {}
-        for name, spec in header.items():
-            begin, end = spec["data_offsets"]
-            dtype = spec["dtype"]
-            if dtype not in _NUMPY_STORAGE:
-                raise PrecomputedError(f"{self.path}: tensor {name!r} has unsupported dtype {dtype}")
-            shape = tuple(spec["shape"])
-            if end == begin:  # numpy cannot map zero bytes
-                self._arrays[name] = np.zeros(shape, dtype=_NUMPY_STORAGE[dtype])
-            else:
-                self._arrays[name] = np.memmap(
-                    self.path, dtype=_NUMPY_STORAGE[dtype], mode="r", offset=data_start + begin, shape=shape
-                )
-            self._dtypes[name] = dtype
+        try:
+            self._file = safe_open(str(self.path), framework="pt")
+        except (OSError, SafetensorError) as err:
+            raise PrecomputedError(f"{path}: not a readable safetensors file ({err})") from None
+        self.metadata: dict[str, str] = self._file.metadata() or {}
+        self._slices = {name: self._file.get_slice(name) for name in self._file.keys()}
+        for name, tensor in self._slices.items():
+            if tensor.get_dtype() not in _TORCH_DTYPE:
+                raise PrecomputedError(f"{self.path}: tensor {name!r} has unsupported dtype {tensor.get_dtype()}")
 
     @property
     def names(self) -> list[str]:
-        return list(self._arrays)
+        return list(self._slices)
 
     def shape(self, name: str) -> tuple[int, ...]:
         """Full shape of tensor `name` (rows first)."""
-        return tuple(self._arrays[name].shape)
+        return tuple(self._slices[name].get_shape())
 
     def rows(self, name: str, indices: Sequence[int] | np.ndarray) -> torch.Tensor:
         """Rows `indices` of tensor `name` as a fresh torch tensor [len(indices), ...] of the stored dtype."""
-        array = self._arrays[name]
+        tensor, count = self._slices[name], self.shape(name)[0]
         indices = np.asarray(indices, dtype=np.int64)
-        if indices.size and (indices.min() < 0 or indices.max() >= array.shape[0]):
+        if indices.size and (indices.min() < 0 or indices.max() >= count):
             raise PrecomputedError(
-                f"{self.path}: row index out of range for {name!r} ({array.shape[0]} rows): "
-                f"{indices[(indices < 0) | (indices >= array.shape[0])][:5].tolist()}"
+                f"{self.path}: row index out of range for {name!r} ({count} rows): "
+                f"{indices[(indices < 0) | (indices >= count)][:5].tolist()}"
             )
-        picked = torch.from_numpy(np.ascontiguousarray(array[indices]))
-        return picked.view(_TORCH_DTYPE[self._dtypes[name]])
+        if not indices.size:
+            return tensor[0:0]
+        return torch.cat([tensor[int(i) : int(i) + 1] for i in indices])
 
     @staticmethod
     def create(
@@ -122,7 +118,12 @@ class TensorTable:
 
 
 class TensorTableWriter:
-    """Fills a pre-sized safetensors file row range by row range (see `TensorTable.create`)."""
+    """Fills a pre-sized safetensors file row range by row range (see `TensorTable.create`).
+
+    safetensors can only write a file from tensors held in memory; the precompute job streams tables larger than
+    the driver's memory, so this writes the format's documented layout itself (an 8-byte little-endian header
+    length, the JSON header, the data 8-byte aligned) and fills the data through a memory map. Reading goes through
+    safetensors (`TensorTable`)."""
 
     def __init__(
         self, path: Path, specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]], metadata: Mapping[str, str]
@@ -183,16 +184,6 @@ class TensorTableWriter:
             if mapped is not None:
                 mapped.flush()
         self._arrays.clear()
-
-
-def _read_header(path: Path) -> tuple[dict[str, Any], int]:
-    try:
-        with open(path, "rb") as file:
-            (length,) = struct.unpack("<Q", file.read(8))
-            header = json.loads(file.read(length))
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise PrecomputedError(f"{path}: not a readable safetensors file ({err})") from None
-    return header, 8 + length
 
 
 # --- manifest and the opened directory -------------------------------------------------------------------------
@@ -275,6 +266,21 @@ class PrecomputedInputs:
         embedding_shape = (self.manifest.user_embeddings, *self.manifest.embedding_shape)
         if self.user_embeddings.shape("user_embedding") != embedding_shape:
             raise PrecomputedError(f"{self.user_embeddings.path}: user_embedding is not {embedding_shape}")
+
+    def caption_texts(self, count: int) -> list[str]:
+        """The captions of the first `count` caption rows, as text."""
+        import pandas as pd
+
+        index = pd.read_parquet(self.directory / CAPTIONS_INDEX).sort_values("caption_index")
+        return index["caption"].head(count).tolist()
+
+    def first_users(self, count: int) -> tuple[list[int], torch.Tensor]:
+        """Up to `count` users (in embedding-table order) and one stored embedding of each [U, L, d]."""
+        import pandas as pd
+
+        users = pd.read_parquet(self.directory / EMBEDDINGS_INDEX).drop_duplicates("user_id").head(count)
+        embeddings = self.user_embeddings.rows("user_embedding", users["embedding_index"].to_numpy())
+        return users["user_id"].astype(int).tolist(), embeddings.float()
 
     def batch(self, rows: pa.Table | Mapping[str, Any], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """Pair rows (a pyarrow table or dict of columns) -> {latents_win, latents_lose [B, C, H, W], clip_text_hidden
@@ -376,6 +382,40 @@ class TrainingSchedule:
     def position(self, micro_step: int) -> tuple[int, int]:
         """(epoch, micro-batch index within the epoch) of micro-step `micro_step` (0-based)."""
         return divmod(micro_step, self.micro_batches_per_epoch)
+
+    def remaining_micro_batches(self, read_epoch: Callable[[], Iterable[T]], micro_step: int) -> Iterator[T]:
+        """This worker's micro-batches from micro-step `micro_step` to the end of the schedule.
+
+        `read_epoch()` yields one pass over the worker's rows in micro-batches, in the same order every time; the
+        micro-batches consumed before `micro_step` (by the run this one resumes) are skipped."""
+        _, skip = self.position(micro_step)
+        while micro_step < self.total_micro_steps:
+            for index, rows in enumerate(read_epoch()):
+                if index < skip:
+                    continue
+                if index >= self.micro_batches_per_epoch or micro_step >= self.total_micro_steps:
+                    break
+                yield rows
+                micro_step += 1
+            skip = 0
+
+
+# --- a few users' pairs (the per-reward DPO upper bounds train on one user) ---------------------------------------
+
+
+def count_user_rows(paths: Sequence[str], users: Sequence[int]) -> int:
+    """Pairs of `users` in the precomputed split files `paths` (reads only the user_id column)."""
+    import pyarrow.parquet as pq
+
+    user_ids = pq.read_table(list(paths), columns=["user_id"]).column("user_id").to_numpy()
+    return int(np.isin(user_ids, users).sum())
+
+
+def keep_users(rows: pa.Table, users: Sequence[int]) -> pa.Table:
+    """The rows of `users`, in their order (row order is what makes a resumed run read the same pairs)."""
+    import pyarrow.compute as pc
+
+    return rows.filter(pc.is_in(rows.column("user_id"), pa.array(users, rows.column("user_id").type)))
 
 
 # --- randomness ---------------------------------------------------------------------------------------------------

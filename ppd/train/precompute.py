@@ -141,7 +141,7 @@ class EmbeddingIndex:
     embedding_shape: tuple[int, int]  # [L, d]
 
 
-def plan_training_rows(
+def join_training_rows(
     pairs: pd.DataFrame,
     embeddings: Mapping[tuple[int, int], np.ndarray | tuple[int, ...]],
     captions: Mapping[str, int],
@@ -149,7 +149,7 @@ def plan_training_rows(
 ) -> tuple[pd.DataFrame, EmbeddingIndex, dict[str, dict[str, int]]]:
     """Join pairs (pair_id, split, user_id, caption, condition_group_id) to caption rows and group embeddings.
 
-    `embeddings` is {(user_id, group_id): [L, d] array, or just its shape}: the plan needs the keys and shapes only
+    `embeddings` is {(user_id, group_id): [L, d] array, or just its shape}: the join needs the keys and shapes only
     (`ppd.embed.store.read_embedding_catalog`, so the vectors can be streamed afterwards). Returns the trainable pairs
     with caption_index, embedding_index and a seeded random `order_key` (the training order within a split), the
     index of the embedding rows they use (one table for all splits), and {split: {reason: pairs left out}}.
@@ -196,7 +196,7 @@ def plan_training_rows(
     row_of_group = dict(zip(used_groups, range(len(used_groups)), strict=True))
     # A seeded permutation of the pairs sorted by id: batches mix users and captions, and the order is reproducible.
     order_key = np.random.default_rng(order_seed).permutation(len(pairs)).astype(np.int64)
-    plan = pd.DataFrame(
+    joined = pd.DataFrame(
         {
             "pair_id": pairs["pair_id"].astype("int64"),
             "split": pairs["split"].astype(str),
@@ -208,7 +208,7 @@ def plan_training_rows(
         }
     )
     embedding_shape = next(iter(shapes)) if shapes else (0, 0)
-    return plan, EmbeddingIndex(index_table, embedding_shape), skipped
+    return joined, EmbeddingIndex(index_table, embedding_shape), skipped
 
 
 def _count(skipped: dict[str, dict[str, int]], rows: pd.DataFrame, reason: str) -> None:

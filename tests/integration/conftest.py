@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from ray_jobs.tracking import start_mlflow_server
+from ppd_ray.infra.mlflow_server import start_mlflow_server
 from tests.integration.test_train_inputs import Stage2Inputs, baseline_run, mlflow_store, stage2_inputs
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from ppd.config import ATTRIBUTES
+from tests.helpers import processes_mentioning
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -22,6 +24,7 @@ def _estimate_ok(est: dict) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # the demo's own limit (1800 s) and the checks after it
 def test_smoke_demo_runs_every_stage_and_writes_results(tmp_path):
     out, workdir = tmp_path / "out", tmp_path / "work"
     env = {**os.environ, "MLFLOW_TRACKING_URI": ""}  # the demo must start (and stop) its own server
@@ -29,7 +32,7 @@ def test_smoke_demo_runs_every_stage_and_writes_results(tmp_path):
         [
             sys.executable,
             "-m",
-            "ray_jobs.cli",
+            "ppd_ray.cli.main",
             "demo",
             "--preset",
             "smoke",
@@ -71,6 +74,11 @@ def test_smoke_demo_runs_every_stage_and_writes_results(tmp_path):
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 3 + len(ATTRIBUTES) + 1 + 1
     assert {r.info.status for r in runs} == {"FINISHED"}
-    # the demo stopped what it started: no Ray head or MLflow server of its own is left
-    leftovers = subprocess.run(["pgrep", "-f", str(workdir / "mlflow")], capture_output=True, text=True).stdout
-    assert leftovers.strip() == ""
+    # the demo stopped what it started: no process of its Ray head (GCS, raylet, dashboard, workers: all name the
+    # head's address or its temp dir) nor of its MLflow server is left, and the head's temp dir is gone
+    head = re.search(r"Ray head at (\S+), dashboard \S+, temp dir (\S+)", completed.stderr)
+    assert head, completed.stderr[-3000:]
+    gcs_address, ray_temp_dir = head.groups()
+    for marker in (gcs_address, ray_temp_dir, str(workdir / "mlflow")):
+        assert processes_mentioning(marker) == [], marker
+    assert not Path(ray_temp_dir).exists()

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from ppd.embed.groups import groups_from_pairs
 from ppd.embed.store import read_embeddings, read_rows
-from ray_jobs.cli import app
-from ray_jobs.embed import main, run, with_embed_args
+from ppd_ray.cli.main import app
+from ppd_ray.jobs.embed import main, run, with_embed_args
 
 N_GROUPS = 24
 

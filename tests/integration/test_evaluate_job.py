@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from ppd.config import ATTRIBUTES
+from ppd.eval.stats import TIE_TOLERANCE
 from ppd.models.checkpoint import save_adapter
 from ppd.models.factory import build_personalized_stage_c
-from ray_jobs.evaluate import run
-from ray_jobs.prepare import run as prepare
+from ppd_ray.jobs.evaluate import run
+from ppd_ray.jobs.prepare import run as prepare
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +49,10 @@ def test_evaluate_scores_every_variant_and_writes_results(
     assert set(on_disk["one_reward"]) == set(ATTRIBUTES)
     for attribute in ATTRIBUTES:
         entry = results["one_reward"][attribute]
-        # an adapter that adds nothing generates the base's images exactly: every paired comparison is a tie
+        # an adapter that adds nothing generates the base's images, up to a few pixels one grey level apart where its
+        # rows are batched differently (CPU kernels): every paired comparison is a tie, the means agree to a tie
         assert entry["win_rate_vs_base"]["value"] == 0.5
-        assert entry["mean"]["ppd"] == pytest.approx(entry["mean"]["base"])
+        assert entry["mean"]["ppd"] == pytest.approx(entry["mean"]["base"], abs=TIE_TOLERANCE)
         assert entry["win_rate_vs_base"]["n"] == 2 * 2
     brightness = results["one_reward"]["brightness"]["mean"]
     # a user-conditioned adapter with non-zero W'_v changes the images...
@@ -84,7 +86,7 @@ def test_validate_scores_adapters_on_validation_captions_only(
     ray_local, toy_world, one_reward_prepared, smoke_config, tmp_path
 ):
     from ppd.eval.evaluate import read_split
-    from ray_jobs.validate import run as validate
+    from ppd_ray.jobs.validate import run as validate
 
     cfg = smoke_config.with_overrides(["eval.captions=2", "eval.seeds_per_caption=1", "eval.inference_steps=3"])
     adapters = {

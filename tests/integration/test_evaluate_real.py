@@ -14,8 +14,8 @@ from ppd.embed.groups import groups_from_rows
 from ppd.embed.store import write_part
 from ppd.models.checkpoint import save_adapter
 from ppd.models.factory import build_personalized_stage_c
-from ray_jobs.evaluate import main, run_real
-from ray_jobs.prepare import run as prepare
+from ppd_ray.jobs.evaluate import main, run_real
+from ppd_ray.jobs.prepare import run as prepare
 
 SPLITS = ("validation", "test_seen", "test_unseen")
 

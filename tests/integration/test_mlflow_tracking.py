@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from ppd.models.checkpoint import read_adapter_checkpoint
 from ppd.train.data import PrecomputedManifest
-from ray_jobs.cli import app
+from ppd_ray.cli.main import app
 from tests.integration.test_train_inputs import (
     BASELINE_OVERRIDES,
     baseline_config,
@@ -65,8 +65,7 @@ def test_a_run_has_its_params_metric_history_artifacts_and_a_model_version(basel
     grid_path = download_artifacts(
         run_id=run.info.run_id, artifact_path="sample_grid.png", dst_path=str(tmp_path), tracking_uri=tracking
     )
-    grid = Image.open(grid_path)
-    assert grid.size == (64 * 2, 64 * 3)  # 2 captions x (base model + 2 users), 64 px cells
+    Image.open(grid_path).verify()  # what the grid shows is tested on its rows (tests/unit/test_generate.py)
 
     versions = client.search_model_versions(f"run_id='{run.info.run_id}'")
     assert [v.name for v in versions] == [smoke_config.tracking.registered_model]

@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from ppd.data.prepare import SPLITS
-from ray_jobs.cli import app
-from ray_jobs.prepare import run
+from ppd_ray.cli.main import app
+from ppd_ray.jobs.prepare import run
 
 
 def _rows(folder):

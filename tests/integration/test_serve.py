@@ -7,7 +7,6 @@ import base64
 import importlib.util
 import io
 import json
-import socket
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,7 +18,8 @@ from PIL import Image
 from ppd.config import load_config
 from ppd.models.factory import latent_shape
 from ppd.models.stage_c import TOY_CODEC_FACTOR
-from serve.ingress import auth_token
+from ppd_ray.infra.processes import free_port
+from ppd_ray.serving.ingress import auth_token
 
 ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("serve_load", ROOT / "scripts" / "serve_load.py")
@@ -46,16 +46,10 @@ TEST_OVERRIDES = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _deploy(cfg, runtime_env: dict | None = None) -> None:
     from ray import serve
 
-    from serve.app import compose
+    from ppd_ray.serving.app import compose
 
     serve.run(compose(cfg, runtime_env), name=serve_load.APP_NAME, route_prefix="/")
 
@@ -71,7 +65,7 @@ def app(ray_local, adapter_dir):
     from ray import serve
 
     cfg = load_config("tiny_cpu", [f"serve.adapter_dir={adapter_dir}", *TEST_OVERRIDES])
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     _deploy(cfg)
     url = f"http://127.0.0.1:{port}"

@@ -11,11 +11,11 @@ import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
-from ppd.models.checkpoint import load_adapter
+from ppd.models.checkpoint import frozen_base_digest, load_adapter
 from ppd.models.factory import build_personalized_stage_c
 from ppd.train.data import PrecomputedInputs
-from ray_jobs.train import TRAIN_STATE_FILE, frozen_base_digest
-from ray_jobs.train import run as train
+from ppd_ray.jobs.train import run as train
+from ppd_ray.jobs.train_worker import TRAIN_STATE_FILE
 from tests.integration.test_train_inputs import (
     EMBEDDING_SHAPE,
     baseline_config,

@@ -61,8 +61,8 @@ class Stage2Inputs:
 
 def stage2_inputs(tmp_path_factory, toy_world: Path, cfg: PPDConfig) -> Stage2Inputs:
     """Prepared smoke toy world + test embeddings + the precompute job's output (built once per session)."""
-    from ray_jobs.precompute import run as precompute
-    from ray_jobs.prepare import run as prepare
+    from ppd_ray.jobs.precompute import run as precompute
+    from ppd_ray.jobs.prepare import run as prepare
 
     root = tmp_path_factory.getbasetemp() / "stage2"
     inputs = Stage2Inputs(root / "prepared", root / "embeddings", root / "precomputed")
@@ -96,7 +96,7 @@ def baseline_config(cfg: PPDConfig, tracking_uri: str, *extra: str) -> PPDConfig
 
 def baseline_run(tmp_path_factory, cfg: PPDConfig, inputs: Stage2Inputs, tracking_uri: str) -> dict:
     """The uninterrupted 2-worker ZeRO-2 run (summary.json of its run folder), trained once per session."""
-    from ray_jobs.train import run as train
+    from ppd_ray.jobs.train import run as train
 
     out = tmp_path_factory.getbasetemp() / "stage2" / "baseline"
     if not (out / "summary.json").exists():
@@ -160,7 +160,7 @@ def test_precomputed_rows_hold_the_pairs_latents_caption_and_condition_embedding
 
 
 def test_cli_reports_bad_inputs_in_one_line(inputs, tmp_path):
-    from ray_jobs.cli import app
+    from ppd_ray.cli.main import app
 
     runner = CliRunner()
     missing = runner.invoke(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,9 @@ import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
-from ray_jobs.submit import local_head, submit_job, wait_for_job
+from ppd_ray.infra.job_client import submit_job, wait_for_job
+from ppd_ray.infra.local_cluster import local_head
+from ppd_ray.infra.processes import wait_until
 from tests.integration.test_train_inputs import BASELINE_OVERRIDES
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -29,6 +30,7 @@ def _checkpointed_steps(storage: Path) -> list[int]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # its own limits: 600 s to a first checkpoint, then 900 s for the job
 def test_losing_a_worker_node_resumes_from_the_checkpoint_and_ends_like_an_uninterrupted_run(
     baseline, smoke_config, inputs, tracking, tmp_path
 ):
@@ -41,7 +43,7 @@ def test_losing_a_worker_node_resumes_from_the_checkpoint_and_ends_like_an_unint
         f"tracking.uri={tracking}",
         f"model.cache_dir={Path(smoke_config.model.cache_dir).resolve()}",
     ]
-    entrypoint = [sys.executable, "-m", "ray_jobs.train", "--preset", "smoke"]
+    entrypoint = [sys.executable, "-m", "ppd_ray.jobs.train", "--preset", "smoke"]
     entrypoint += ["--precomputed", str(inputs.precomputed), "--out", str(out)]
     entrypoint += [part for override in overrides for part in ("--set", override)]
 
@@ -49,10 +51,9 @@ def test_losing_a_worker_node_resumes_from_the_checkpoint_and_ends_like_an_unint
     with local_head(num_cpus=0) as cluster:
         doomed, _ = cluster.add_node(2), cluster.add_node(2)
         job_id = submit_job(cluster.dashboard_address, entrypoint, working_dir=REPO_ROOT, token=cluster.auth_token)
-        deadline = time.monotonic() + 600
-        while not _checkpointed_steps(out / "ray" / "train"):
-            assert time.monotonic() < deadline, "no checkpoint within 10 minutes"
-            time.sleep(0.2)
+        wait_until(
+            lambda: bool(_checkpointed_steps(out / "ray" / "train")), timeout_s=600, what="a checkpoint", poll_s=0.2
+        )
         checkpointed_before_the_loss = _checkpointed_steps(out / "ray" / "train")
         cluster.kill_node(doomed)  # SIGKILL to its raylet and workers, as a machine failure would
         cluster.add_node(2)  # the replacement an autoscaler would provide

@@ -17,11 +17,8 @@ import io
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -30,6 +27,8 @@ import pytest
 from PIL import Image
 
 from ppd.config import load_config
+from ppd_ray.infra.processes import free_port, http_ok, start_process, wait_until
+from tests.helpers import solid_png
 from tests.integration.test_serve import serve_load
 
 pytestmark = pytest.mark.slow
@@ -62,18 +61,6 @@ def _chromium() -> str:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _png(colour: tuple[int, int, int], size: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (size, size), colour).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 @pytest.fixture(scope="module")
 def shots_dir(tmp_path_factory) -> Path:
     wanted = os.environ.get("PPD_WEB_SCREENSHOTS")
@@ -90,9 +77,9 @@ def server(tmp_path_factory):
     # for a trained adapter (training one would take minutes), enough to make every user's images their own.
     adapter = serve_load.random_adapter(load_config("tiny_cpu"), work / "adapter", base_model=TOY_BASE)
     examples = work / "examples" / "validation"  # written later by the prepare job (see the module docstring)
-    port = _free_port()
+    port = free_port()
     command = [
-        sys.executable, "-m", "ray_jobs.cli", "serve", "--port", str(port),
+        sys.executable, "-m", "ppd_ray.cli.main", "serve", "--port", str(port),
         "--set", f"serve.adapter_dir={adapter}",
         "--set", f"serve.example_pairs_dir={examples}",
         "--set", "serve.auth=on",
@@ -101,31 +88,13 @@ def server(tmp_path_factory):
     ]  # fmt: skip
     env = {**os.environ, "PPD_API_TOKEN": TOKEN}
     env.pop("RAY_ADDRESS", None)  # a local Ray of its own, with a private token, as on a person's machine
-    log_path = work / "serve.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    server = start_process(command, work / "serve.log", env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"ppd serve exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"ppd serve did not become healthy:\n{log_path.read_text()[-3000:]}")
-            time.sleep(1)
-        yield url, examples, log_path
+        wait_until(lambda: http_ok(f"{url}/healthz", timeout_s=5), timeout_s=300, what="ppd serve", process=server)
+        yield url, examples, server.log_path
     finally:
-        process.send_signal(signal.SIGTERM)  # Ray's handler shuts down the local cluster it started
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=30)
+        server.stop(timeout_s=60)  # SIGTERM: Ray's handler shuts down the local cluster it started
 
 
 @pytest.fixture(scope="module")
@@ -283,8 +252,8 @@ def test_without_example_pairs_the_page_takes_uploaded_pairs(session, server, sm
 
     size = smoke_config.data.toy.image_size
     dark, bright = tmp_path / "dark.png", tmp_path / "bright.png"
-    dark.write_bytes(_png((30, 30, 60), size))
-    bright.write_bytes(_png((230, 220, 160), size))
+    dark.write_bytes(solid_png((30, 30, 60), size))
+    bright.write_bytes(solid_png((230, 220, 160), size))
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"this is not an image")
     for pair, caption in enumerate(["a picture of a teal ring", "a red square", "a blue circle", "a pink cross"]):
@@ -311,7 +280,7 @@ def test_example_pairs_render_and_a_click_marks_the_choice(
 ):
     page, *_ = session
     _, examples, _ = server
-    from ray_jobs.prepare import run as prepare
+    from ppd_ray.jobs.prepare import run as prepare
 
     prepare(smoke_config, toy_world / "pairs" / "population", examples.parent)  # the real job writes the split
     page.click("#other-examples")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from ppd.check_real import anyres_tokens_per_image
+from ppd.check.real import anyres_tokens_per_image
 from ppd.config import cluster_presets
-from ray_jobs.cli import app
+from ppd_ray.cli.main import app
 
 runner = CliRunner()
 

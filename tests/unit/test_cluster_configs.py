@@ -91,8 +91,8 @@ def test_job_entrypoints_name_real_modules_arguments_and_presets(name: str, monk
         "ray.io/cluster": _one(CLUSTER / "raycluster.yaml", "RayCluster")["metadata"]["name"]
     }
     argv = shlex.split(job["spec"]["entrypoint"])
-    assert argv[:3] == ["python", "-m", f"ray_jobs.{name}"], argv
-    module = importlib.import_module(f"ray_jobs.{name}")
+    assert argv[:3] == ["python", "-m", f"ppd_ray.jobs.{name}"], argv
+    module = importlib.import_module(f"ppd_ray.jobs.{name}")
     real_config_from_args = module.config_from_args
     parsed = {}
 
@@ -126,7 +126,9 @@ def test_each_job_reads_what_the_previous_job_writes() -> None:
     assert outputs["evaluate"]["--adapter"] == f"ppd={outputs['train']['--out']}/adapter"
     assert "--world" not in outputs["evaluate"]  # real data: no hidden reward is read
     serve_cfg = load_config("serve_lite_h100")
-    assert serve_cfg.serve.adapter_dir == f"{outputs['train']['--out']}/adapter"  # ray_jobs.train writes OUT/adapter
+    assert (
+        serve_cfg.serve.adapter_dir == f"{outputs['train']['--out']}/adapter"
+    )  # ppd_ray.jobs.train writes OUT/adapter
     assert serve_cfg.serve.example_pairs_dir == f"{outputs['prepare']['--out']}/validation"  # the page's examples
 
 
@@ -198,7 +200,7 @@ def test_rayservice_has_gpus_for_every_replica_of_its_preset() -> None:
 
 def test_rayservice_mirrors_the_serve_config() -> None:
     serve_config = yaml.safe_load(_one(CLUSTER / "rayservice.yaml", "RayService")["spec"]["serveConfigV2"])
-    local = REPO_ROOT / "serve" / "config.yaml"
+    local = REPO_ROOT / "ppd_ray" / "serving" / "config.yaml"
     if local.exists():
         reference = yaml.safe_load(local.read_text())
         assert set(serve_config) == set(reference)
@@ -212,7 +214,7 @@ def test_rayservice_mirrors_the_serve_config() -> None:
             ]
     for application in serve_config["applications"]:
         module, _, attribute = application["import_path"].partition(":")
-        assert module == "serve.app" and attribute == "build_app"
+        assert module == "ppd_ray.serving.app" and attribute == "build_app"
         assert importlib.util.find_spec(module) is not None
         assert application["args"]["preset"] in PRESETS
 

@@ -51,3 +51,15 @@ def test_flatten_gives_dotted_string_params():
     assert flat["data.toy.image_size"] == str(load_config("tiny_cpu").data.toy.image_size)
     assert flat["train.users"] == "None" and flat["eval.image_rewards"].startswith("[")  # None and lists as text
     assert all(isinstance(v, str) for v in flat.values())
+
+
+def test_results_flatten_to_numeric_metrics_with_list_items_indexed():
+    from ppd_ray.jobs.evaluate import flatten_numbers
+
+    results = {"brightness": {"win_rate": {"value": 0.75, "ci95": [0.5, 1.0], "n": 32}}, "ok": True, "preset": "x"}
+    assert flatten_numbers(results) == [
+        ("brightness.win_rate.value", 0.75),
+        ("brightness.win_rate.ci95.0", 0.5),
+        ("brightness.win_rate.ci95.1", 1.0),
+        ("brightness.win_rate.n", 32.0),
+    ]  # booleans and text are no metrics

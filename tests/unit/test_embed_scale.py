@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -23,6 +21,7 @@ from ppd.embed.vlm import (
     shrink_image,
     tiny_vlm_dir,
 )
+from tests.helpers import solid_png
 
 GREEDY = EmbedConfig(embedder="vlm-hf", temperature=0.0, max_new_tokens=6, layers="all")
 
@@ -64,9 +63,7 @@ def test_hooked_final_token_states_equal_every_hidden_state_of_the_full_output(t
 
 
 def _png(side: int, value: int, height: int | None = None) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (side, height or side // 2), (value, 255 - value, 90)).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return solid_png((value, 255 - value, 90), side, height or side // 2)
 
 
 def test_images_are_shrunk_to_the_configured_side_and_the_identity_says_so(tiny_path, groups) -> None:

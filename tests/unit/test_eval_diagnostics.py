@@ -25,7 +25,7 @@ def test_object_diagnostics_tells_drawn_objects_from_flat_images() -> None:
 
 
 def test_classifier_summary_reads_k16_or_the_largest_k() -> None:
-    from ray_jobs.evaluate import classifier_summary
+    from ppd.embed.classify import classifier_summary
 
     full = {
         "n_users": 30,
@@ -39,12 +39,12 @@ def test_classifier_summary_reads_k16_or_the_largest_k() -> None:
 
 
 def test_train_users_filter_keeps_only_their_pairs(tmp_path) -> None:
-    from ray_jobs.train import _keep_users, _rows_of_users
+    from ppd.train.data import count_user_rows, keep_users
 
     table = pa.table({"pair_id": [1, 2, 3, 4, 5], "user_id": pa.array([100, 101, 100, 102, 101], pa.int64())})
     path = tmp_path / "part-0.parquet"
     pq.write_table(table, path)
-    assert _rows_of_users([str(path)], [100]) == 2 and _rows_of_users([str(path)], [101, 102]) == 3
-    assert _rows_of_users([str(path)], [7]) == 0
-    kept = _keep_users(table, [101, 102])
+    assert count_user_rows([str(path)], [100]) == 2 and count_user_rows([str(path)], [101, 102]) == 3
+    assert count_user_rows([str(path)], [7]) == 0
+    kept = keep_users(table, [101, 102])
     assert kept.column("pair_id").to_pylist() == [2, 4, 5]  # order kept: resume positions stay valid

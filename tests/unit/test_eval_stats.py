@@ -9,7 +9,7 @@ from ppd.eval.judge import (
     parse_answer,
     parse_reasoned_answer,
 )
-from ppd.eval.stats import average_ranks, bootstrap_mean, spearman, win_outcomes, win_rate
+from ppd.eval.stats import bootstrap_mean, spearman, win_outcomes, win_rate
 
 
 def test_win_rate_counts_ties_half():
@@ -50,11 +50,13 @@ def test_grouped_bootstrap_is_wider_for_correlated_comparisons():
 
 
 def test_spearman_against_hand_computed_values():
-    assert list(average_ranks([10, 20, 20, 5])) == [2.0, 3.5, 3.5, 1.0]
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     # ranks x = 1..5, y = [2, 1, 4, 3, 5]: 1 - 6·Σd²/(n(n²-1)) = 1 - 6·4/120 = 0.8
     assert spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) == pytest.approx(0.8)
+    # ties share their average rank: x ranks (1, 2.5, 2.5, 4), deviations (-1.5, 0, 0, 1.5); y ranks 1..4,
+    # deviations (-1.5, -0.5, 0.5, 1.5): ρ = 4.5 / sqrt(4.5 · 5) = sqrt(0.9)
+    assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9**0.5)
     assert np.isnan(spearman([1, 2, 3], [7, 7, 7]))
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from ppd.config import load_config
 from ppd.data.example_pairs import ExamplePairSource, ExamplesMissing, ImageBudget, fit_image
-from serve.web import BODY_OVERHEAD_BYTES, example_budget
+from ppd_ray.serving.web import BODY_OVERHEAD_BYTES, example_budget
 
 BUDGET = ImageBudget(max_bytes=20_000, max_pixels=64 * 64)
 

@@ -22,7 +22,7 @@ from ppd.models.factory import (
 )
 from ppd.models.stage_c import build_stage_c, stage_c_unet_config
 from ppd.models.text import build_tiny_clip_tokenizer
-from ray_jobs.cli_model import model_app
+from ppd_ray.cli.model import model_app
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ppd.config import DataConfig, smoke
-from ppd.data.prepare import SPLITS, plan_preparation, preferred_index, row_rejections
+from ppd.data.prepare import SPLITS, assign_splits, preferred_index, row_rejections
 from ppd.data.schema import conform
 from ppd.eval.evaluate import read_split
 from ppd.eval.judge import JudgeQuery, parse_answer
@@ -40,11 +40,11 @@ def prepare_locally(pairs: Path, out: Path, cfg: DataConfig) -> Path:
             "reason": row_rejections(table, check_images=False),
         }
     )
-    plan = plan_preparation(meta, cfg)
+    assignment = assign_splits(meta, cfg)
     label_0 = table.column("label_0").to_numpy(zero_copy_only=False)
-    annotated = table.append_column("pair_id", pa.array(plan.rows["pair_id"].to_numpy()))
+    annotated = table.append_column("pair_id", pa.array(assignment.rows["pair_id"].to_numpy()))
     for column in ("split", "context_group_id", "condition_group_id"):
-        annotated = annotated.append_column(column, pa.Array.from_pandas(plan.rows[column]))
+        annotated = annotated.append_column(column, pa.Array.from_pandas(assignment.rows[column]))
     annotated = annotated.append_column("preferred", pa.array(preferred_index(label_0)))
     for split in SPLITS:
         rows = annotated.filter(pa.compute.equal(annotated.column("split"), split))
@@ -53,7 +53,7 @@ def prepare_locally(pairs: Path, out: Path, cfg: DataConfig) -> Path:
             pq.write_table(rows, out / split / "part-00000.parquet")
     by_pair = annotated.to_pandas().set_index("pair_id")
     groups = []
-    for group in plan.groups.itertuples(index=False):
+    for group in assignment.groups.itertuples(index=False):
         members = by_pair.loc[list(group.pair_ids)]
         groups.append(
             {

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from ppd.config import ModelConfig, TrainConfig
@@ -30,15 +27,10 @@ from ppd.train.precompute import (
     decode_image,
     embedding_rows,
     encode_pairs,
+    join_training_rows,
     load_latent_encoder,
-    plan_training_rows,
 )
-
-
-def _png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels.astype(np.uint8)).save(buffer, format="PNG")
-    return buffer.getvalue()
+from tests.helpers import png_of
 
 
 def _random_pixels(seed: int, side: int = 4) -> np.ndarray:
@@ -50,20 +42,20 @@ def _random_pixels(seed: int, side: int = 4) -> np.ndarray:
 
 def test_decode_image_scales_to_minus_one_one_and_rejects_what_it_cannot_use() -> None:
     pixels = _random_pixels(0)
-    decoded = decode_image(_png(pixels), image_size=4, resize=False)
+    decoded = decode_image(png_of(pixels), image_size=4, resize=False)
     expected = torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1
     assert decoded is not None and torch.allclose(decoded, expected)
     assert decoded.min() >= -1 and decoded.max() <= 1
     assert decode_image(b"not an image", 4, resize=False) is None
     assert decode_image(None, 4, resize=False) is None
-    assert decode_image(_png(_random_pixels(0, side=8)), 4, resize=False) is None  # wrong size, no resampling
-    assert decode_image(_png(_random_pixels(0, side=8)), 4, resize=True).shape == (3, 4, 4)
+    assert decode_image(png_of(_random_pixels(0, side=8)), 4, resize=False) is None  # wrong size, no resampling
+    assert decode_image(png_of(_random_pixels(0, side=8)), 4, resize=True).shape == (3, 4, 4)
 
 
 def test_encode_pairs_puts_the_preferred_image_first_and_drops_broken_pairs() -> None:
     images = [_random_pixels(seed) for seed in range(6)]
-    jpg_0 = [_png(images[0]), _png(images[2]), b"broken"]
-    jpg_1 = [_png(images[1]), _png(images[3]), _png(images[5])]
+    jpg_0 = [png_of(images[0]), png_of(images[2]), b"broken"]
+    jpg_1 = [png_of(images[1]), png_of(images[3]), png_of(images[5])]
     latents = encode_pairs(jpg_0, jpg_1, preferred=[0, 1, 0], encoder=ToyLatentEncoder(image_size=4))
 
     assert latents.kept.tolist() == [True, True, False]
@@ -115,9 +107,9 @@ def _embeddings() -> dict[tuple[int, int], np.ndarray]:
 def test_plan_joins_each_pair_to_its_condition_group_and_counts_what_it_leaves_out() -> None:
     captions = caption_index(_pairs()["caption"])
     assert captions == {"a": 0, "b": 1, "c": 2}
-    plan, index, skipped = plan_training_rows(_pairs(), _embeddings(), captions, order_seed=0)
+    joined, index, skipped = join_training_rows(_pairs(), _embeddings(), captions, order_seed=0)
 
-    assert sorted(plan["pair_id"]) == [1, 3, 5, 6]
+    assert sorted(joined["pair_id"]) == [1, 3, 5, 6]
     assert skipped == {
         "train": {"no_condition_group": 1, "no_embedding": 1, "undecodable_image": 0},
         "validation": {"no_condition_group": 0, "no_embedding": 0, "undecodable_image": 0},
@@ -126,7 +118,7 @@ def test_plan_joins_each_pair_to_its_condition_group_and_counts_what_it_leaves_o
     assert list(index.table["group_id"]) == [20, 22]  # only the groups that condition a kept pair
     rows = embedding_rows(index, _embeddings(), 0, len(index.table))  # [G, 2, 3]
     source = _pairs().set_index("pair_id")
-    for pair in plan.itertuples():
+    for pair in joined.itertuples():
         assert pair.caption_index == captions[source.loc[pair.pair_id, "caption"]]
         assert pair.condition_group_id == source.loc[pair.pair_id, "condition_group_id"]
         # the embedding row a pair reads is the one of its own condition group
@@ -136,12 +128,12 @@ def test_plan_joins_each_pair_to_its_condition_group_and_counts_what_it_leaves_o
 
 def test_plan_order_is_a_seeded_permutation() -> None:
     captions = caption_index(_pairs()["caption"])
-    first, _, _ = plan_training_rows(_pairs(), _embeddings(), captions, order_seed=3)
-    again, _, _ = plan_training_rows(_pairs().sample(frac=1, random_state=1), _embeddings(), captions, order_seed=3)
+    first, _, _ = join_training_rows(_pairs(), _embeddings(), captions, order_seed=3)
+    again, _, _ = join_training_rows(_pairs().sample(frac=1, random_state=1), _embeddings(), captions, order_seed=3)
     assert sorted(first["order_key"]) == list(range(len(first)))
     assert first.set_index("pair_id")["order_key"].equals(again.set_index("pair_id")["order_key"])
     orders = {
-        tuple(plan_training_rows(_pairs(), _embeddings(), captions, order_seed=s)[0]["order_key"]) for s in range(8)
+        tuple(join_training_rows(_pairs(), _embeddings(), captions, order_seed=s)[0]["order_key"]) for s in range(8)
     }
     assert len(orders) > 1
 
@@ -149,10 +141,10 @@ def test_plan_order_is_a_seeded_permutation() -> None:
 def test_plan_refuses_embeddings_of_another_users_group() -> None:
     wrong = {**_embeddings(), (99, 21): np.zeros((2, 3), np.float32)}  # group 21 belongs to user 11 in the pairs
     with pytest.raises(ValueError, match="another preparation"):
-        plan_training_rows(_pairs(), wrong, caption_index(_pairs()["caption"]), order_seed=0)
+        join_training_rows(_pairs(), wrong, caption_index(_pairs()["caption"]), order_seed=0)
     mixed = {**_embeddings(), (11, 21): np.zeros((4, 3), np.float32)}
     with pytest.raises(ValueError, match="different shapes"):
-        plan_training_rows(_pairs(), mixed, caption_index(_pairs()["caption"]), order_seed=0)
+        join_training_rows(_pairs(), mixed, caption_index(_pairs()["caption"]), order_seed=0)
 
 
 # --- tensor tables and batches -------------------------------------------------------------------------------------

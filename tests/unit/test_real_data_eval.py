@@ -25,6 +25,7 @@ from ppd.eval.real_data import (
     select_variant,
     summarise_rewards,
 )
+from tests.helpers import solid_png
 
 
 def _prepared(tmp_path):
@@ -121,9 +122,7 @@ def test_reward_summary_means_win_rates_and_the_selection() -> None:
 
 
 def _png(value: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (4, 4), (value, value, value)).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return solid_png((value, value, value), 4)
 
 
 def test_the_judge_sees_the_users_group_and_both_orders_once_per_pair() -> None:

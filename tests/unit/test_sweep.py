@@ -7,8 +7,8 @@ import json
 import shlex
 
 from ppd.config import smoke
-from ray_jobs.demo import BETA_CHOICE, RESULTS_DIR, plan_demo, read_beta_choice
-from ray_jobs.sweep import choose, variant_name
+from ppd_ray.pipelines.demo import BETA_CHOICE, RESULTS_DIR, demo_jobs, read_beta_choice
+from ppd_ray.pipelines.sweep import choose, variant_name
 
 
 def test_the_best_validation_score_wins_and_ties_go_to_the_larger_beta():
@@ -25,9 +25,9 @@ def _world(tmp_path):
     return world
 
 
-def _betas_by_title(plan) -> dict[str, str | None]:
+def _betas_by_title(jobs) -> dict[str, str | None]:
     found = {}
-    for stage in plan.stages:
+    for stage in jobs.stages:
         sets = [a.split("=", 1)[1] for a in shlex.split(stage.entrypoint) if a.startswith("train.beta=")]
         found[stage.title] = sets[-1] if sets else None
     return found
@@ -43,7 +43,7 @@ def test_the_demo_trains_ppd_and_dpo_with_the_chosen_betas(tmp_path):
     betas = read_beta_choice(out, cfg.preset)
     assert betas == {"ppd": 8.0, "dpo": 0.5} and read_beta_choice(out, "tiny_cpu") is None  # another preset's
 
-    by_title = _betas_by_title(plan_demo(cfg, tmp_path / "work", [], 0, _world(tmp_path), betas))
+    by_title = _betas_by_title(demo_jobs(cfg, tmp_path / "work", [], 0, _world(tmp_path), betas))
     assert by_title["train PPD on the one-reward users"] == "8"
     assert by_title["train PPD on the population"] == "8"
     assert by_title["train Diffusion-DPO (no user) on the one-reward users"] == "0.5"
@@ -51,5 +51,5 @@ def test_the_demo_trains_ppd_and_dpo_with_the_chosen_betas(tmp_path):
     assert len(uppers) == 5 and all(by_title[t] == "0.5" for t in uppers)
     assert by_title["train SFT on preferred images on the one-reward users"] is None
     assert all(by_title[t] is None for t in by_title if not t.startswith("train"))
-    default = _betas_by_title(plan_demo(cfg, tmp_path / "work", [], 0, _world(tmp_path)))
+    default = _betas_by_title(demo_jobs(cfg, tmp_path / "work", [], 0, _world(tmp_path)))
     assert all(beta is None for beta in default.values())  # without a choice nothing overrides the preset

@@ -1,0 +1,56 @@
+"""What a person sees of a job or a command: one-line errors (`JobError`) and progress lines on stderr (`logging`).
+
+Modules log through `logging.getLogger(__name__)`; `setup_logging()` (called by every entry point, and by Ray actors
+and Train workers, which are processes of their own) gives the `ppd_ray` logger one stderr handler whose lines read
+`[ppd   12.3s] message` (seconds since the process started logging). `ppd demo` forwards exactly these lines (and
+error lines) from the jobs' logs to the terminal: `is_progress_line`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+ROOT_LOGGER = "ppd_ray"
+LINE_PREFIX = "[ppd "
+
+
+class JobError(RuntimeError):
+    """A problem the user can fix (bad input, bad config): printed as one line, never as a traceback."""
+
+    exit_code = 2
+
+
+class _ElapsedFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{LINE_PREFIX}{record.relativeCreated / 1000:7.1f}s] {record.getMessage()}"
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a line is logged (test runners swap it for each command)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(_ElapsedFormatter())
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Progress lines of every `ppd_ray` module on stderr (idempotent: one handler per process)."""
+    root = logging.getLogger(ROOT_LOGGER)
+    root.setLevel(level)
+    root.propagate = False  # Ray and pytest configure the root logger their own way
+    if not any(isinstance(handler, _StderrHandler) for handler in root.handlers):
+        root.addHandler(_StderrHandler())
+
+
+def is_progress_line(line: str) -> bool:
+    """A line of a job's log worth showing in the terminal: our own progress lines, and errors."""
+    return line.startswith(LINE_PREFIX) or "error" in line.lower()

@@ -1,0 +1,117 @@
+"""Processes this project starts on this machine (a Ray node, the MLflow server; in tests `ppd serve` and a vLLM
+server): free loopback ports, a process in a session of its own with its output in a log file, and waiting until
+it answers."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from operator import not_
+from pathlib import Path
+
+import tenacity
+
+from ppd_ray.console import JobError
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct loopback ports free right now (all held open until every one is chosen)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def free_port() -> int:
+    """One loopback port free right now."""
+    return free_ports(1)[0]
+
+
+@dataclass
+class LocalProcess:
+    """A process started by `start_process`: the leader of a process group of its own, its output in `log_path`."""
+
+    process: subprocess.Popen
+    log_path: Path
+
+    @property
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def log_tail(self, chars: int | None = 2000) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return text if chars is None else text[-chars:]
+
+    def kill(self) -> None:
+        """Lose the whole group at once, as a crashed machine would (SIGKILL)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def stop(self, timeout_s: float = 30) -> None:
+        """SIGTERM to the leader (it shuts its own children down: `ray start` drains its node), then SIGKILL to
+        whatever is left of the group."""
+        if self.running:
+            self.process.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=timeout_s)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=10)
+
+
+def start_process(command: Sequence[str], log_path: Path, env: dict[str, str] | None = None, cwd=None) -> LocalProcess:
+    """Start `command` in a session of its own (Ctrl-C in the terminal reaches us first, and the group can be
+    stopped as one unit), stdout and stderr appended to `log_path`."""
+    with open(log_path, "ab") as log_file:
+        process = subprocess.Popen(
+            list(command), stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
+        )
+    return LocalProcess(process, Path(log_path))
+
+
+def wait_until(
+    ready: Callable[[], bool], *, timeout_s: float, what: str, process: LocalProcess | None = None, poll_s: float = 0.5
+) -> None:
+    """Poll `ready` until it is true; a JobError (with the log tail) if `process` exits first or time runs out."""
+
+    def check() -> bool:
+        if process is not None and not process.running:
+            raise JobError(
+                f"the process exited with status {process.process.returncode} while waiting for {what}:\n"
+                f"{process.log_tail()}"
+            )
+        return ready()
+
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_delay(timeout_s),
+        wait=tenacity.wait_fixed(poll_s),
+        retry=tenacity.retry_if_result(not_),  # an exception (the process exited) ends the wait at once
+    )
+    try:
+        retrying(check)
+    except tenacity.RetryError:
+        tail = f":\n{process.log_tail()}" if process is not None else ""
+        raise JobError(f"timed out after {timeout_s:.0f}s waiting for {what}{tail}") from None
+
+
+def http_ok(url: str, headers: dict[str, str] | None = None, timeout_s: float = 2) -> bool:
+    """True when GET `url` answers 200 (False while nothing listens there yet)."""
+    import httpx
+
+    try:
+        return httpx.get(url, headers=headers, timeout=timeout_s).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -1,0 +1,346 @@
+"""`ppd demo`: the whole system on the embedded default, every stage submitted as a Ray job to a local head.
+
+toy world -> prepare (one-reward users, population) -> embed (one-hot users; pair-difference embedder) -> classify
+-> precompute -> train (PPD, Diffusion-DPO, SFT, the per-reward DPO upper bounds, PPD on the population) ->
+evaluate -> RESULTS.md + results.json. Starts a Ray head and an MLflow server on loopback and stops both.
+
+Each stage is the documented entrypoint (`python -m ppd_ray.jobs.<job> ...`), submitted through the Jobs API exactly as
+`ray job submit` would; the planned commands are printed so any stage can be rerun by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ppd.config import PPDConfig
+from ppd.eval.evaluate import POPULATION_VARIANT, upper_bound_variant
+from ppd.eval.report import render_results_markdown, target_checks
+from ppd.train.data import MANIFEST_FILE
+from ppd_ray.console import JobError, is_progress_line
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]  # ppd_ray/pipelines/demo.py -> the repository
+# The pretrained tiny Stage C every run starts from (regenerate: `ppd toy pretrain-base --out assets/toy_base`).
+BASE_MODEL_DIR = REPO_ROOT / "assets" / "toy_base"
+ONE_REWARD, POPULATION = "one_reward", "population"
+# What was tried on missed targets and why (prose kept in the repo, appended to every generated RESULTS.md).
+INVESTIGATION_NOTES = REPO_ROOT / "docs" / "results_investigation.md"
+RESULTS_DIR = "results"  # one results file per seed: <out>/results/seed<S>.json
+FIGURES_DIR = "results_figures"
+
+
+@dataclass(frozen=True)
+class DemoStage:
+    """One job of the demo: a title for the progress log and the entrypoint submitted to Ray."""
+
+    title: str
+    argv: tuple[str, ...]
+    output: Path | None  # a file the stage writes last: present = finished (`--resume` skips it); None = always run
+
+    @property
+    def entrypoint(self) -> str:
+        return shlex.join(self.argv)
+
+
+@dataclass
+class JobSequence:
+    """Every job of one demo run, in order, with absolute paths (jobs run in an uploaded copy of the repo)."""
+
+    workdir: Path
+    preset: str
+    overrides: list[str]
+    stages: list[DemoStage] = field(default_factory=list)
+    adapters: dict[str, str] = field(default_factory=dict)
+
+    def add(
+        self,
+        title: str,
+        output: Path | None,
+        module: str,
+        *args: str | Path,
+        overrides: tuple[str, ...] = (),
+        configured: bool = True,
+    ) -> None:
+        config: list[str] = ["--preset", self.preset] if configured else []
+        for item in (*self.overrides, *overrides) if configured else ():
+            config += ["--set", item]
+        # Config options last: argparse jobs take them anywhere, `ppd_ray.cli.main` only after its subcommand.
+        self.stages.append(DemoStage(title, ("python", "-m", module, *(str(a) for a in args), *config), output))
+
+    def train(self, title: str, precomputed: Path, variant: str, *overrides: str) -> None:
+        run_dir = self.workdir / "runs" / variant
+        self.add(
+            title,
+            run_dir / "summary.json",
+            "ppd_ray.jobs.train",
+            "--precomputed",
+            precomputed,
+            "--out",
+            run_dir,
+            overrides=overrides,
+        )
+        self.adapters[variant] = str(run_dir / "adapter")
+
+
+def one_reward_user_ids(world: Path) -> dict[str, int]:
+    """Reward attribute -> the id of the synthetic user who holds only that reward."""
+    return {k: int(v) for k, v in json.loads((world / "manifest.json").read_text())["one_reward_users"].items()}
+
+
+BETA_CHOICE = "beta_sweep.json"  # <out>/results/beta_sweep.json, written by `ppd sweep beta`
+
+
+def read_beta_choice(out_dir: Path, preset: str) -> dict[str, float] | None:
+    """The β per method that `ppd sweep beta` chose on the validation split for this preset; None if there is none."""
+    path = out_dir / RESULTS_DIR / BETA_CHOICE
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    return {k: float(v) for k, v in record["chosen"].items()} if record.get("preset") == preset else None
+
+
+def demo_jobs(
+    cfg: PPDConfig, workdir: Path, overrides: list[str], seed: int, world: Path, betas: dict[str, float] | None = None
+) -> JobSequence:
+    """The jobs of one demo run after the toy world exists (its manifest names the one-reward users).
+
+    `betas` ({"ppd": β, "dpo": β}, chosen on validation by `ppd sweep beta`) sets train.beta of the PPD and
+    Diffusion-DPO runs; None keeps the preset's."""
+    beta = {m: (f"train.beta={betas[m]:g}",) if betas and m in betas else () for m in ("ppd", "dpo")}
+    w = workdir.resolve()
+    prepared, embeddings, precomputed = w / "prepared", w / "embeddings", w / "precomputed"
+    jobs = JobSequence(w, cfg.preset, [*overrides, f"data.seed={seed}", f"train.seed={seed}"])
+    base = f"model.stage_c_path={BASE_MODEL_DIR}"
+    # Sec. 5.1 analogue: every one-reward user is trained on, so none is held out as unseen.
+    jobs.add(
+        "prepare one-reward users",
+        prepared / ONE_REWARD / "accounting.json",
+        "ppd_ray.jobs.prepare",
+        "--input",
+        world / "pairs" / ONE_REWARD,
+        "--out",
+        prepared / ONE_REWARD,
+        overrides=("data.test_unseen_user_fraction=0",),
+    )
+    jobs.add(
+        "prepare population",
+        prepared / POPULATION / "accounting.json",
+        "ppd_ray.jobs.prepare",
+        "--input",
+        world / "pairs" / POPULATION,
+        "--out",
+        prepared / POPULATION,
+    )
+    # Sec. 5.1 conditions on one-hot user ids; the population on pair-difference embeddings of 4-shot groups.
+    for population, embedder in ((ONE_REWARD, "onehot"), (POPULATION, "pairdiff")):
+        jobs.add(
+            f"embed {population} ({embedder})",
+            None,  # the embedding job resumes by itself (embeds only groups not yet in its output)
+            "ppd_ray.jobs.embed",
+            "--prepared",
+            prepared / population,
+            "--out",
+            embeddings / population,
+            "--embedder",
+            embedder,
+        )
+    jobs.add(
+        "classify population users from their embeddings",
+        w / "classifier" / "classifier.json",
+        "ppd_ray.jobs.classify",
+        "--embeddings",
+        embeddings / POPULATION,
+        "--out",
+        w / "classifier",
+        "--seed",
+        str(seed),
+        configured=False,  # works on the embeddings alone: no config options
+    )
+    for population in (ONE_REWARD, POPULATION):
+        jobs.add(
+            f"precompute {population}",
+            precomputed / population / MANIFEST_FILE,
+            "ppd_ray.jobs.precompute",
+            "--prepared",
+            prepared / population,
+            "--embeddings",
+            embeddings / population,
+            "--out",
+            precomputed / population,
+            overrides=(base,),
+        )
+    one_reward_inputs = precomputed / ONE_REWARD
+    for method, title in (("ppd", "PPD"), ("dpo", "Diffusion-DPO (no user)"), ("sft", "SFT on preferred images")):
+        jobs.train(
+            f"train {title} on the one-reward users",
+            one_reward_inputs,
+            method,
+            base,
+            f"train.method={method}",
+            *beta.get(method, ()),
+        )
+    for attribute, user_id in one_reward_user_ids(world).items():
+        jobs.train(
+            f"train the DPO upper bound for {attribute} (user {user_id} only)",
+            one_reward_inputs,
+            upper_bound_variant(attribute),
+            base,
+            "train.method=dpo",
+            f"train.users=[{user_id}]",
+            f"train.max_steps={cfg.train.upper_bound_steps}",
+            *beta["dpo"],
+        )
+    jobs.train(
+        "train PPD on the population",
+        precomputed / POPULATION,
+        POPULATION_VARIANT,
+        base,
+        "train.method=ppd",
+        *beta["ppd"],
+    )
+    jobs.add(
+        "evaluate every model on the hidden rewards",
+        w / "eval" / "results.json",
+        "ppd_ray.jobs.evaluate",
+        "--world",
+        world,
+        "--one-reward-prepared",
+        prepared / ONE_REWARD,
+        "--population-prepared",
+        prepared / POPULATION,
+        "--population-embeddings",
+        embeddings / POPULATION,
+        "--adapters",
+        w / "adapters.json",
+        "--classifier",
+        w / "classifier" / "classifier.json",
+        "--out",
+        w / "eval",
+        "--seed",
+        str(seed),
+        overrides=(base,),
+    )
+    return jobs
+
+
+def write_results(results: dict, out_dir: Path, command: str) -> tuple[Path, Path]:
+    """results/seed<S>.json, then RESULTS.md from every seed's file in `out_dir` (seeds side by side); the figures are
+    copied beside them (results_figures/seed<S>/) so the Markdown links resolve."""
+    seed = int(results["seed"])
+    figures_dir = out_dir / FIGURES_DIR / f"seed{seed}"
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    figures = {}
+    for name, path in results.get("figures", {}).items():
+        target = figures_dir / Path(path).name
+        shutil.copyfile(path, target)
+        figures[name] = str(target.relative_to(out_dir))
+    results = {**results, "figures": figures}
+    json_path = out_dir / RESULTS_DIR / f"seed{seed}.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    return json_path, rerender_results(out_dir, command)
+
+
+def rerender_results(out_dir: Path, command: str) -> Path:
+    """Rewrite RESULTS.md from the results/seed<S>.json files in `out_dir` (same numbers; picks up report changes)."""
+    paths = sorted((out_dir / RESULTS_DIR).glob("seed*.json"))
+    if not paths:
+        raise JobError(f"no {out_dir / RESULTS_DIR}/seed<S>.json: run `ppd demo` first")
+    runs = [json.loads(path.read_text()) for path in paths]
+    investigation = INVESTIGATION_NOTES.read_text() if INVESTIGATION_NOTES.is_file() else None
+    md_path = out_dir / "RESULTS.md"
+    md_path.write_text(render_results_markdown(runs, command, investigation))
+    return md_path
+
+
+def run_demo(
+    cfg: PPDConfig,
+    workdir: Path,
+    out_dir: Path,
+    overrides: list[str],
+    seed: int,
+    command: str,
+    generate_world: Callable[[PPDConfig, Path, int], object],
+    resume: bool = False,
+) -> dict:
+    """Run every stage as a Ray job on a local head; returns the results also written to out_dir/results.json.
+
+    `resume` keeps what an earlier run with the same workdir finished (the toy world, every stage whose output exists)
+    and runs only the rest; it is the caller's promise that preset, overrides and seed are unchanged."""
+    from ppd_ray.infra.local_cluster import local_head
+    from ppd_ray.infra.mlflow_server import tracking_uri
+
+    began = time.monotonic()
+    if not (BASE_MODEL_DIR / "prior" / "config.json").is_file():
+        raise JobError(f"{BASE_MODEL_DIR} is missing: run `ppd toy pretrain-base --out {BASE_MODEL_DIR}`")
+    workdir = workdir.resolve()
+    world = workdir / "toy"
+    if resume and (world / "manifest.json").is_file():
+        logger.info(f"== toy world: kept {world} (--resume)")
+    else:
+        logger.info(f"== toy world ({cfg.preset}, seed {seed}) -> {world}")
+        generate_world(cfg, world, seed)
+    betas = read_beta_choice(out_dir, cfg.preset)
+    logger.info(
+        f"β from {out_dir / RESULTS_DIR / BETA_CHOICE} (chosen on validation): {betas}"
+        if betas
+        else f"β of the preset ({cfg.train.beta:g}): no `ppd sweep beta` choice for preset {cfg.preset} in {out_dir}"
+    )
+    jobs = demo_jobs(cfg, workdir, overrides, seed, world, betas)
+    (workdir / "adapters.json").write_text(json.dumps(jobs.adapters, indent=1) + "\n")
+    (workdir / "jobs.sh").write_text(
+        "# The demo's jobs; each line can be run with `ray job submit --address ... --working-dir . -- <line>`\n"
+        + "\n".join(stage.entrypoint for stage in jobs.stages)
+        + "\n"
+    )
+    logger.info(f"{len(jobs.stages)} jobs planned (commands in {workdir / 'jobs.sh'})")
+    # Seconds per finished stage, so that a resumed run still reports the whole run's time.
+    timings_path = workdir / "timings.json"
+    timings: dict[str, float] = json.loads(timings_path.read_text()) if resume and timings_path.is_file() else {}
+    kept_seconds = 0.0
+    with tracking_uri(cfg.tracking.uri, workdir / "mlflow") as uri, local_head() as cluster:
+        env = {"MLFLOW_TRACKING_URI": uri}
+        for index, stage in enumerate(jobs.stages, 1):
+            if resume and stage.output is not None and stage.output.is_file():
+                logger.info(f"== [{index}/{len(jobs.stages)}] {stage.title}: done earlier, kept (--resume)")
+                kept_seconds += timings.get(stage.title, 0.0)
+                continue
+            started = time.monotonic()
+            logger.info(f"== [{index}/{len(jobs.stages)}] {stage.title}")
+            outcome = cluster.submit_and_wait(stage.entrypoint, working_dir=REPO_ROOT, env_vars=env, on_log=job_line)
+            timings[stage.title] = round(time.monotonic() - started, 1)
+            timings_path.write_text(json.dumps(timings, indent=1) + "\n")
+            logger.info(f"   [{index}/{len(jobs.stages)}] done in {timings[stage.title]:.0f}s ({outcome.job_id})")
+        logger.info(f"MLflow: runs in {workdir / 'mlflow'} (browse with `mlflow ui --backend-store-uri sqlite:///...`)")
+    results = json.loads((workdir / "eval" / "results.json").read_text())
+    top_k_plot = workdir / "classifier" / "top_k.png"  # Fig. 2 analogue, drawn by the classify stage
+    if top_k_plot.is_file():
+        results.setdefault("figures", {})["top-k user classification"] = str(top_k_plot)
+    runtime = round(time.monotonic() - began + kept_seconds, 1)
+    results.update({"preset": cfg.preset, "seed": seed, "runtime_s": runtime, "resumed": bool(kept_seconds)})
+    results["beta"] = {"ppd": cfg.train.beta, "dpo": cfg.train.beta, **(betas or {})}
+    results["beta_source"] = "ppd sweep beta (validation split)" if betas else "preset"
+    write_results(results, out_dir, command)
+    return results
+
+
+def job_line(line: str) -> None:
+    """Forward a job's own progress lines (and errors) to the terminal, not Ray's per-task chatter."""
+    if is_progress_line(line):
+        print(f"   | {line}", flush=True)
+
+
+def summary_table(results: dict) -> str:
+    """Every target of this run as a plain-text table for the terminal (the same checks as RESULTS.md)."""
+    rows = [("target", "value", "goal", "")]
+    rows += [(c.name, c.value, c.target, "met" if c.met else "MISSED") for c in target_checks(results)]
+    widths = [max(len(row[k]) for row in rows) for k in range(3)]
+    return "\n".join(f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d}" for a, b, c, d in rows)
