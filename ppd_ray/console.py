@@ -44,11 +44,13 @@ class _StderrHandler(logging.StreamHandler):
 
 def setup_logging(level: int = logging.INFO) -> None:
     """Progress lines of every `ppd_ray` module on stderr (idempotent: one handler per process)."""
-    root = logging.getLogger(ROOT_LOGGER)
-    root.setLevel(level)
-    root.propagate = False  # Ray and pytest configure the root logger their own way
-    if not any(isinstance(handler, _StderrHandler) for handler in root.handlers):
-        root.addHandler(_StderrHandler())
+    # A job runs as `python -m ppd_ray.jobs.<job>`: its own module's logger is then `__main__`, outside `ppd_ray`.
+    for name in (ROOT_LOGGER, "__main__"):
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        logger.propagate = False  # Ray and pytest configure the root logger their own way
+        if not any(isinstance(handler, _StderrHandler) for handler in logger.handlers):
+            logger.addHandler(_StderrHandler())
 
 
 def is_progress_line(line: str) -> bool:

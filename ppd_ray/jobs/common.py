@@ -61,7 +61,7 @@ def read_json_file(path: Path | None, what: str) -> dict:
 
 def run_job(parser: argparse.ArgumentParser, argv: list[str] | None, job: Callable[[argparse.Namespace], str]) -> int:
     """A job's `main`: parse `argv`, set up the progress lines, run `job(args)` and print what it returns; a JobError
-    is one line on stderr and its exit status (2: a mistake to fix; 1: the job failed)."""
+    is one line on stderr and its exit status (2)."""
     args = parser.parse_args(argv)
     setup_logging()
     try:

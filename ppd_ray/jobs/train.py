@@ -179,9 +179,8 @@ def run(cfg: PPDConfig, precomputed: Path, out: Path, tracking: str | None = Non
 
 
 class TrainingFailed(JobError):
-    """Training failed in the workers (after `train.max_failures` restarts)."""
-
-    exit_code = 1
+    """Training failed in the workers (after `train.max_failures` restarts): like every job error, one `error:` line
+    and exit status 2 (what `ppd train` has always returned for it)."""
 
 
 def _ordered_execution():

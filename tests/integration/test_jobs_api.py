@@ -38,7 +38,7 @@ def test_precompute_job_through_the_jobs_api_matches_the_in_process_run(inputs, 
             )
 
     assert outcome.status == "SUCCEEDED" and outcome.job_id
-    assert any("train: wrote" in line for line in streamed)  # progress streamed while the job ran
+    assert any("train: wrote" in line for line in streamed), streamed[-20:]  # progress streamed while the job ran
     assert "user embeddings" in outcome.logs  # the job's summary line
     assert "FAILED" in str(failed.value) and "error: prepared data" in str(failed.value)
 

@@ -102,7 +102,7 @@ def test_job_entrypoints_name_real_modules_arguments_and_presets(name: str, monk
 
     monkeypatch.setattr(module, "config_from_args", parse_only)
     if name == "evaluate":
-        monkeypatch.setattr(module, "_read_json", lambda path, what: {})  # the adapters file exists on the cluster
+        monkeypatch.setattr(module, "read_json_file", lambda path, what: {})  # the adapters file exists on the cluster
     with pytest.raises(_Parsed):
         module.main(argv[3:])  # argparse exits (SystemExit) on an unknown or missing argument
     args = parsed["args"]
