@@ -12,6 +12,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def progress_lines():
+    """The progress lines every entry point sets up (`setup_logging`), also for jobs' `run` called in-process: a test
+    that reads them must not depend on an earlier test having gone through a CLI."""
+    from ppd_ray.console import setup_logging
+
+    setup_logging()
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A local Ray shared by every test that needs one (start-up costs seconds)."""

@@ -13,7 +13,6 @@ from typer.testing import CliRunner
 from ppd.embed.groups import groups_from_pairs
 from ppd.embed.store import read_embeddings, read_rows
 from ppd_ray.cli.main import app
-from ppd_ray.console import setup_logging
 from ppd_ray.jobs.embed import main, run, with_embed_args
 
 N_GROUPS = 24
@@ -68,7 +67,6 @@ def test_interrupted_job_resumes_without_duplicates_or_gaps(ray_local, prepared,
 @pytest.mark.slow
 def test_vlm_job_writes_profiles_and_layer_embeddings(ray_local, prepared, cfg, tmp_path, capsys):
     vlm = with_embed_args(cfg, embedder="vlm-hf", layers="0,-1")
-    setup_logging()  # what the job's entry point does before `run`
     summary = run(vlm, prepared, tmp_path, limit=4)
     assert summary["embedded"] == 4 and summary["layers"] == [0, 2]
     rows = read_rows(tmp_path).to_pylist()
