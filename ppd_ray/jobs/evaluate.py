@@ -139,18 +139,11 @@ def run_real(
 
     out.mkdir(parents=True, exist_ok=True)
     scored.to_parquet(out / "scores.parquet", index=False)
-    figures = {}
-    for name, path in (
-        ("samples", user_variant_grid(scored, images, out / "samples.png")),
-        ("win rates", reward_win_bars(rewards, out / "win_rates.png")),
-    ):
-        if path is not None:
-            figures[name] = str(path)
-    results["figures"] = figures
-    results["evaluate_seconds"] = time.monotonic() - began
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    _track(cfg, results, out, seed)
-    return results
+    figures = {
+        "samples": user_variant_grid(scored, images, out / "samples.png"),
+        "win rates": reward_win_bars(rewards, out / "win_rates.png"),
+    }
+    return _finish(cfg, results, figures, out, began, seed)
 
 
 def run(
@@ -216,15 +209,18 @@ def run(
 
     out.mkdir(parents=True, exist_ok=True)
     scored.to_parquet(out / "scores.parquet", index=False)
-    figures = {}
-    for name, path in (
-        ("sample grid", sample_grid(scored, images, out / "samples.png")),
-        ("win rates", win_rate_bars(results, out / "win_rates.png")),
-        ("interpolation", interpolation_plot(results, out / "interpolation.png")),
-    ):
-        if path is not None:
-            figures[name] = str(path)
-    results["figures"] = figures
+    figures = {
+        "sample grid": sample_grid(scored, images, out / "samples.png"),
+        "win rates": win_rate_bars(results, out / "win_rates.png"),
+        "interpolation": interpolation_plot(results, out / "interpolation.png"),
+    }
+    return _finish(cfg, results, figures, out, began, seed)
+
+
+def _finish(cfg: PPDConfig, results: dict, figures: dict, out: Path, began: float, seed: int) -> dict:
+    """The end both evaluations share: the figures that were drawn (None = nothing to plot), the run time,
+    results.json and the MLflow run."""
+    results["figures"] = {name: str(path) for name, path in figures.items() if path is not None}
     results["evaluate_seconds"] = time.monotonic() - began
     (out / "results.json").write_text(json.dumps(results, indent=2))
     _track(cfg, results, out, seed)
