@@ -221,3 +221,21 @@ def accounting(input_rows: int, assignment: SplitAssignment, file_rejections: di
 def preferred_index(label_0: np.ndarray) -> np.ndarray:
     """0 when the user preferred jpg_0, 1 when jpg_1 (for kept rows: labels are exactly 1/0)."""
     return np.where(np.asarray(label_0) == 1.0, 0, 1).astype(np.int8)
+
+
+def assemble_group(members: pd.DataFrame, order: dict[int, list[int]], pools: dict[int, str]) -> pd.DataFrame:
+    """The member pairs of one group -> one row with lists in the group's order."""
+    group_id = int(members["context_group_id"].iloc[0])
+    members = members.set_index("pair_id").loc[order[group_id]]
+    return pd.DataFrame(
+        {
+            "group_id": [group_id],
+            "user_id": [int(members["user_id"].iloc[0])],
+            "pool": [pools[group_id]],
+            "pair_ids": [list(map(int, members.index))],
+            "captions": [list(members["caption"])],
+            "jpg_0": [list(members["jpg_0"])],
+            "jpg_1": [list(members["jpg_1"])],
+            "preferred": [list(map(int, members["preferred"]))],
+        }
+    )

@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ppd.embed.base import EmbeddingIdentity, EmbeddingRow
+from ppd.errors import InputDataError
 
 ROW_SCHEMA = pa.schema(
     [
@@ -156,6 +157,20 @@ def read_embedding_catalog(
         if key in catalog:
             raise ValueError(f"{out_dir}: group {group_id} of user {user_id} is stored twice")
         catalog[key] = tuple(int(side) for side in shape)
+    return catalog
+
+
+def load_embedding_catalog(path: str | Path) -> dict[tuple[int, int], tuple[int, ...]]:
+    """`read_embedding_catalog` of a folder a user named: missing, unreadable or holding no successful embedding is
+    an `InputDataError` that says which and what to run."""
+    if not Path(path).exists():
+        raise InputDataError(f"embeddings {path} do not exist (run `ppd embed` first)")
+    try:
+        catalog = read_embedding_catalog(path)
+    except (FileNotFoundError, ValueError, pa.ArrowInvalid) as err:
+        raise InputDataError(f"embeddings {path}: {err}") from None
+    if not catalog:
+        raise InputDataError(f"embeddings {path} hold no successful embedding (every row is an error row)")
     return catalog
 
 

@@ -14,24 +14,58 @@ Training never decodes an image or runs an encoder: everything a step needs is c
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
 from ppd.config import ModelConfig
+from ppd.errors import InputDataError
 from ppd.models.codec import ToyCodec
 from ppd.models.effnet import EFFNET_DOWNSAMPLING
 from ppd.models.stage_c import TOY_CODEC_FACTOR
+
+logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 # Why a prepared pair is not in the precomputed training set (counted per split in the manifest).
 SKIP_REASONS: tuple[str, ...] = ("no_condition_group", "no_embedding", "undecodable_image")
+
+
+# What the join needs of a prepared pair (no images: those are streamed by the job).
+PAIR_METADATA_COLUMNS: tuple[str, ...] = ("pair_id", "user_id", "caption", "condition_group_id")
+
+
+def read_pair_metadata(prepared: Path, splits: Sequence[str]) -> pd.DataFrame:
+    """pair_id, split, user_id, caption, condition_group_id of every prepared pair in `splits` (no images).
+
+    `prepared` is the preparation job's output folder (one sub-folder of parquet files per split); a split with no
+    files is skipped, except `train`, whose absence means `prepared` is not such a folder (`InputDataError`)."""
+    frames = []
+    for split in splits:
+        files = sorted((prepared / split).glob("*.parquet"))
+        if not files:
+            if split == "train":
+                raise InputDataError(
+                    f"{prepared}/train has no parquet files: is {prepared} the output of `ppd prepare`?"
+                )
+            logger.info(f"{prepared}/{split}: no rows, skipped")
+            continue
+        try:
+            table = pq.read_table(files, columns=list(PAIR_METADATA_COLUMNS))
+        except (pa.ArrowInvalid, KeyError) as err:
+            raise InputDataError(f"{prepared}/{split}: not a prepared split ({err})") from None
+        frames.append(table.to_pandas().assign(split=split))
+    return pd.concat(frames, ignore_index=True)
 
 
 class LatentEncoder(Protocol):

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ppd.config import PRESETS, ConfigError, PPDConfig, load_config
+from ppd.errors import InputDataError
 from ppd_ray.console import JobError, setup_logging
 
 
@@ -61,7 +62,7 @@ def read_json_file(path: Path | None, what: str) -> dict:
 
 def run_job(parser: argparse.ArgumentParser, argv: list[str] | None, job: Callable[[argparse.Namespace], str]) -> int:
     """A job's `main`: parse `argv`, set up the progress lines, run `job(args)` and print what it returns; a JobError
-    is one line on stderr and its exit status (2)."""
+    (or the library's InputDataError) is one line on stderr and its exit status (2)."""
     args = parser.parse_args(argv)
     setup_logging()
     try:
@@ -69,6 +70,9 @@ def run_job(parser: argparse.ArgumentParser, argv: list[str] | None, job: Callab
     except JobError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
+    except InputDataError as err:  # the library's word for a user's mistake: same one line, same status as a JobError
+        print(f"error: {err}", file=sys.stderr)
+        return JobError.exit_code
     return 0
 
 

@@ -30,6 +30,7 @@ import torch
 
 from ppd.config import ModelConfig, PPDConfig
 from ppd.data.prepare import SPLITS
+from ppd.embed.store import load_embedding_catalog
 from ppd.models.factory import latent_shape, resolved_model_config
 from ppd.train.data import (
     CAPTIONS_FILE,
@@ -47,6 +48,7 @@ from ppd.train.precompute import (
     encode_pairs,
     join_training_rows,
     load_latent_encoder,
+    read_pair_metadata,
 )
 from ppd_ray.console import JobError
 from ppd_ray.jobs.common import config_from_args, init_ray, job_arg_parser, run_job
@@ -54,7 +56,6 @@ from ppd_ray.jobs.common import config_from_args, init_ray, job_arg_parser, run_
 logger = logging.getLogger(__name__)
 
 DEFAULT_SPLITS = ("train",)  # what training reads; add validation etc. for held-out losses
-_META_COLUMNS = ["pair_id", "user_id", "caption", "condition_group_id"]
 _IMAGE_COLUMNS = ["pair_id", "jpg_0", "jpg_1", "preferred"]
 
 
@@ -116,39 +117,6 @@ class LatentStage:
 
 
 _PLAN_INT_COLUMNS = ("user_id", "caption_index", "embedding_index", "condition_group_id", "order_key")
-
-
-def read_pair_metadata(prepared: Path, splits: tuple[str, ...]) -> pd.DataFrame:
-    """pair_id, split, user_id, caption, condition_group_id of every prepared pair in `splits` (no images)."""
-    frames = []
-    for split in splits:
-        files = sorted((prepared / split).glob("*.parquet"))
-        if not files:
-            if split == "train":
-                raise JobError(f"{prepared}/train has no parquet files: is {prepared} the output of `ppd prepare`?")
-            logger.info(f"{prepared}/{split}: no rows, skipped")
-            continue
-        try:
-            table = pq.read_table(files, columns=_META_COLUMNS)
-        except (pa.ArrowInvalid, KeyError) as err:
-            raise JobError(f"{prepared}/{split}: not a prepared split ({err})") from None
-        frames.append(table.to_pandas().assign(split=split))
-    return pd.concat(frames, ignore_index=True)
-
-
-def load_embedding_catalog(path: Path) -> dict[tuple[int, int], tuple[int, ...]]:
-    """{(user_id, group_id): [L, d] shape} of the Stage-1 embedding folder (ppd.embed.store's format), no vectors."""
-    from ppd.embed.store import read_embedding_catalog
-
-    if not path.exists():
-        raise JobError(f"embeddings {path} do not exist (run `ppd embed` first)")
-    try:
-        catalog = read_embedding_catalog(path)
-    except (FileNotFoundError, ValueError, pa.ArrowInvalid) as err:
-        raise JobError(f"embeddings {path}: {err}") from None
-    if not catalog:
-        raise JobError(f"embeddings {path} hold no successful embedding (every row is an error row)")
-    return catalog
 
 
 def run(

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ppd.config import DataConfig, PPDConfig
-from ppd.data.prepare import SPLITS, accounting, assign_splits, preferred_index, row_rejections
+from ppd.data.prepare import SPLITS, accounting, assemble_group, assign_splits, preferred_index, row_rejections
 from ppd.data.schema import check_schema, conform
 from ppd_ray.console import JobError
 from ppd_ray.jobs.common import config_from_args, init_ray, job_arg_parser, run_job
@@ -120,24 +120,6 @@ def write_shard(batch: dict[str, np.ndarray], out: str, assignment_ref) -> dict[
         members = members.select(["context_group_id", "pair_id", "user_id", "caption", "jpg_0", "jpg_1", "preferred"])
         pq.write_table(members, Path(out) / "_group_members" / f"part-{index:05d}.parquet")
     return {"index": [index], **{s: [n] for s, n in counts.items()}}
-
-
-def assemble_group(members: pd.DataFrame, order: dict[int, list[int]], pools: dict[int, str]) -> pd.DataFrame:
-    """Ray Data groupby stage: the member pairs of one group -> one row with lists in the group's order."""
-    group_id = int(members["context_group_id"].iloc[0])
-    members = members.set_index("pair_id").loc[order[group_id]]
-    return pd.DataFrame(
-        {
-            "group_id": [group_id],
-            "user_id": [int(members["user_id"].iloc[0])],
-            "pool": [pools[group_id]],
-            "pair_ids": [list(map(int, members.index))],
-            "captions": [list(members["caption"])],
-            "jpg_0": [list(members["jpg_0"])],
-            "jpg_1": [list(members["jpg_1"])],
-            "preferred": [list(map(int, members["preferred"]))],
-        }
-    )
 
 
 def run(cfg: PPDConfig, input_path: Path, out: Path) -> dict:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from ppd.config import ModelConfig, TrainConfig
+from ppd.errors import InputDataError
 from ppd.train.data import (
     CAPTIONS_FILE,
     EMBEDDINGS_FILE,
@@ -29,12 +31,35 @@ from ppd.train.precompute import (
     encode_pairs,
     join_training_rows,
     load_latent_encoder,
+    read_pair_metadata,
 )
 from tests.helpers import png_of
 
 
 def _random_pixels(seed: int, side: int = 4) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(side, side, 3))
+
+
+# --- prepared pairs ------------------------------------------------------------------------------------------------
+
+
+def test_pair_metadata_reads_each_split_and_names_a_folder_that_is_not_prepared(tmp_path) -> None:
+    with pytest.raises(InputDataError, match="train has no parquet files"):
+        read_pair_metadata(tmp_path, ("train",))
+    (tmp_path / "train").mkdir()
+    rows = {
+        "pair_id": [1, 2],
+        "user_id": [7, 7],
+        "caption": ["a red ring", "a blue cross"],
+        "condition_group_id": [3, 3],
+    }
+    pq.write_table(pa.table({**rows, "jpg_0": [b"", b""]}), tmp_path / "train" / "part-0.parquet")
+    pairs = read_pair_metadata(tmp_path, ("train", "validation"))  # no validation files: skipped, not an error
+    assert pairs.to_dict("list") == {**rows, "split": ["train", "train"]}
+    (tmp_path / "test").mkdir()
+    pq.write_table(pa.table({"pair_id": [3]}), tmp_path / "test" / "part-0.parquet")  # no caption column
+    with pytest.raises(InputDataError, match="test: not a prepared split"):
+        read_pair_metadata(tmp_path, ("train", "test"))
 
 
 # --- images -> latents ---------------------------------------------------------------------------------------------

@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from ppd.embed.base import EmbeddingIdentity, EmbeddingRow
-from ppd.embed.store import iter_embeddings, read_embedding_catalog, read_embeddings, write_part
+from ppd.embed.store import (
+    iter_embeddings,
+    load_embedding_catalog,
+    read_embedding_catalog,
+    read_embeddings,
+    write_part,
+)
+from ppd.errors import InputDataError
 from ppd.train.data import (
     CAPTIONS_FILE,
     EMBEDDINGS_FILE,
@@ -133,3 +140,15 @@ def test_latents_stored_in_another_dtype_than_the_manifest_says_are_refused(tmp_
     wrong = rows.set_column(3, "latents_win", latent_column(win, 16, "float32"))
     with pytest.raises(ValueError, match="uint16"):
         PrecomputedInputs(tmp_path).batch(wrong)
+
+
+def test_a_named_embedding_folder_that_is_missing_empty_or_all_errors_is_an_input_error(tmp_path) -> None:
+    with pytest.raises(InputDataError, match="do not exist"):
+        load_embedding_catalog(tmp_path / "nowhere")
+    with pytest.raises(InputDataError, match="no embedding part files"):
+        load_embedding_catalog(tmp_path)
+    write_part([_row(1, 10, np.random.default_rng(2), error="undecodable image")], tmp_path, IDENTITY)
+    with pytest.raises(InputDataError, match="no successful embedding"):
+        load_embedding_catalog(tmp_path)
+    write_part([_row(2, 20, np.random.default_rng(3))], tmp_path, IDENTITY)
+    assert load_embedding_catalog(tmp_path) == {(2, 20): (3, 6)}

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ppd.config import DataConfig
-from ppd.data.prepare import SPLITS, accounting, assign_splits
+from ppd.data.prepare import SPLITS, accounting, assemble_group, assign_splits
 
 REASONS = [None, None, None, None, None, None, "tie", "not_different", "undecodable_image"]
 
@@ -106,3 +106,21 @@ def test_a_pair_is_conditioned_whenever_its_user_has_another_group():
     assignment = assign_splits(meta, cfg)
     assert len(assignment.groups) == 3
     assert assignment.rows["condition_group_id"].notna().all()
+
+
+def test_a_group_becomes_one_row_with_its_members_in_the_group_order() -> None:
+    members = pd.DataFrame(
+        {
+            "context_group_id": [4, 4, 4],
+            "pair_id": [10, 11, 12],
+            "user_id": [7, 7, 7],
+            "caption": ["a", "b", "c"],
+            "jpg_0": [b"0a", b"0b", b"0c"],
+            "jpg_1": [b"1a", b"1b", b"1c"],
+            "preferred": [0, 1, 0],
+        }
+    )
+    row = assemble_group(members, order={4: [12, 10, 11]}, pools={4: "train"}).iloc[0]
+    assert (row.group_id, row.user_id, row.pool) == (4, 7, "train")
+    assert row.pair_ids == [12, 10, 11] and row.captions == ["c", "a", "b"]
+    assert row.jpg_0 == [b"0c", b"0a", b"0b"] and row.jpg_1 == [b"1c", b"1a", b"1b"] and row.preferred == [0, 0, 1]
