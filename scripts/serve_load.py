@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
+import tenacity
 from PIL import Image
 
 CAPTIONS = ["a picture of a teal ring", "a picture of a red square", "a picture of a yellow triangle"]
@@ -311,17 +312,24 @@ def measure_kill(
         return await load
 
     report = asyncio.run(load_and_kill())
-    # Recovery: Serve runs two healthy replicas again (it may first see the old one as RUNNING: wait for a dip).
+    # Recovery: Serve runs two healthy replicas again. It may first still count the killed one as RUNNING, so wait for
+    # the dip below two, then for two again; both waits share the deadline (None: not recovered in time).
     deadline = kill_info["killed_at"] + recovery_timeout_s
+
+    def until(condition) -> bool:
+        return (
+            tenacity.Retrying(
+                stop=tenacity.stop_after_delay(max(0.0, deadline - time.perf_counter())),
+                wait=tenacity.wait_fixed(0.25),
+                retry=tenacity.retry_if_result(lambda running: not condition(running)),
+                retry_error_callback=lambda state: None,
+            )(_generator_replicas_running)
+            is not None
+        )
+
     recovered_at = None
-    seen_dip = False
-    while time.perf_counter() < deadline:
-        running = _generator_replicas_running()
-        seen_dip = seen_dip or running < 2
-        if seen_dip and running >= 2:
-            recovered_at = time.perf_counter()
-            break
-        time.sleep(0.25)
+    if until(lambda running: running < 2) and until(lambda running: running >= 2):
+        recovered_at = time.perf_counter()
     failed = report.unexpected + report.client_errors
     return {
         "requests": report.requests,
