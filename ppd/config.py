@@ -161,6 +161,12 @@ class TrainConfig(_Section):
         None, description="train only on pairs of these user ids (e.g. a per-reward DPO upper bound); None = all"
     )
     upper_bound_steps: int = Field(200, ge=1, description="optimiser steps of each per-reward DPO upper bound (demo)")
+    concurrent_runs: int = Field(
+        1,
+        ge=1,
+        description="independent training runs the demo and the β sweep submit at once (each reserves its workers' "
+        "CPUs/GPUs; a 2-CPU box with 1-thread workers: 2)",
+    )
     max_grad_norm: float = Field(1.0, ge=0, description="clip the global gradient norm to this (0 = no clipping)")
     cpus_per_worker: float = Field(
         1.0, gt=0, description="CPUs reserved per training worker; leave some free for Ray Data (2-CPU box: 0.5)"
@@ -491,6 +497,8 @@ def tiny_cpu() -> PPDConfig:
             checkpoint_every=200,
             upper_bound_steps=120,
             cpus_per_worker=0.5,  # 2-CPU box: leave a core to Ray Data's readers, or the input pipeline stalls
+            # A 0.5-CPU worker computes on one thread: two runs at once use both cores (each run stays deterministic).
+            concurrent_runs=2,
         ),
         eval=EvalConfig(inference_steps=20),
     )

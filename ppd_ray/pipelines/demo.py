@@ -14,9 +14,12 @@ import json
 import logging
 import shlex
 import shutil
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from ppd.config import PPDConfig
@@ -44,6 +47,9 @@ class DemoStage:
     title: str
     argv: tuple[str, ...]
     output: Path | None  # a file the stage writes last: present = finished (`--resume` skips it); None = always run
+    # May run beside its concurrent neighbours (`train.concurrent_runs` at once): independent training runs only.
+    # Jobs with Ray Data actor pools stay alone: two pools can hold every CPU their own read tasks wait for.
+    concurrent: bool = False
 
     @property
     def entrypoint(self) -> str:
@@ -68,12 +74,14 @@ class JobSequence:
         *args: str | Path,
         overrides: tuple[str, ...] = (),
         configured: bool = True,
+        concurrent: bool = False,
     ) -> None:
         config: list[str] = ["--preset", self.preset] if configured else []
         for item in (*self.overrides, *overrides) if configured else ():
             config += ["--set", item]
         # Config options last: argparse jobs take them anywhere, `ppd_ray.cli.main` only after its subcommand.
-        self.stages.append(DemoStage(title, ("python", "-m", module, *(str(a) for a in args), *config), output))
+        argv = ("python", "-m", module, *(str(a) for a in args), *config)
+        self.stages.append(DemoStage(title, argv, output, concurrent))
 
     def train(self, title: str, precomputed: Path, variant: str, *overrides: str) -> None:
         run_dir = self.workdir / "runs" / variant
@@ -86,6 +94,7 @@ class JobSequence:
             "--out",
             run_dir,
             overrides=overrides,
+            concurrent=True,
         )
         self.adapters[variant] = str(run_dir / "adapter")
 
@@ -178,15 +187,15 @@ def demo_jobs(
             overrides=(base,),
         )
     one_reward_inputs = precomputed / ONE_REWARD
-    for method, title in (("ppd", "PPD"), ("dpo", "Diffusion-DPO (no user)"), ("sft", "SFT on preferred images")):
-        jobs.train(
-            f"train {title} on the one-reward users",
-            one_reward_inputs,
-            method,
-            base,
-            f"train.method={method}",
-            *beta.get(method, ()),
-        )
+    # The training runs are independent: they run `train.concurrent_runs` at a time, longest first, so that the short
+    # upper bounds fill the gaps at the end instead of one long run ending alone.
+    ppd, dpo = ("train.method=ppd", *beta["ppd"]), ("train.method=dpo", *beta["dpo"])
+    jobs.train("train PPD on the one-reward users", one_reward_inputs, "ppd", base, *ppd)
+    jobs.train("train Diffusion-DPO (no user) on the one-reward users", one_reward_inputs, "dpo", base, *dpo)
+    jobs.train("train PPD on the population", precomputed / POPULATION, POPULATION_VARIANT, base, *ppd)
+    jobs.train(
+        "train SFT on preferred images on the one-reward users", one_reward_inputs, "sft", base, "train.method=sft"
+    )
     for attribute, user_id in one_reward_user_ids(world).items():
         jobs.train(
             f"train the DPO upper bound for {attribute} (user {user_id} only)",
@@ -194,18 +203,10 @@ def demo_jobs(
             upper_bound_variant(attribute),
             base,
             "train.method=dpo",
+            *dpo,
             f"train.users=[{user_id}]",
             f"train.max_steps={cfg.train.upper_bound_steps}",
-            *beta["dpo"],
         )
-    jobs.train(
-        "train PPD on the population",
-        precomputed / POPULATION,
-        POPULATION_VARIANT,
-        base,
-        "train.method=ppd",
-        *beta["ppd"],
-    )
     jobs.add(
         "evaluate every model on the hidden rewards",
         w / "eval" / "results.json",
@@ -306,19 +307,34 @@ def run_demo(
     timings_path = workdir / "timings.json"
     timings: dict[str, float] = json.loads(timings_path.read_text()) if resume and timings_path.is_file() else {}
     kept_seconds = 0.0
-    with tracking_uri(cfg.tracking.uri, workdir / "mlflow") as uri, local_head() as cluster:
-        env = {"MLFLOW_TRACKING_URI": uri}
-        for index, stage in enumerate(jobs.stages, 1):
-            if resume and stage.output is not None and stage.output.is_file():
-                logger.info(f"== [{index}/{len(jobs.stages)}] {stage.title}: done earlier, kept (--resume)")
-                kept_seconds += timings.get(stage.title, 0.0)
-                continue
-            started = time.monotonic()
-            logger.info(f"== [{index}/{len(jobs.stages)}] {stage.title}")
-            outcome = cluster.submit_and_wait(stage.entrypoint, working_dir=REPO_ROOT, env_vars=env, on_log=job_line)
+    total = len(jobs.stages)
+    timings_lock = threading.Lock()
+
+    def run_stage(index: int, stage: DemoStage, cluster, env: dict[str, str]) -> None:
+        started = time.monotonic()
+        logger.info(f"== [{index}/{total}] {stage.title}")
+        outcome = cluster.submit_and_wait(
+            stage.entrypoint, working_dir=REPO_ROOT, env_vars=env, on_log=partial(job_line, index=index)
+        )
+        with timings_lock:
             timings[stage.title] = round(time.monotonic() - started, 1)
             timings_path.write_text(json.dumps(timings, indent=1) + "\n")
-            logger.info(f"   [{index}/{len(jobs.stages)}] done in {timings[stage.title]:.0f}s ({outcome.job_id})")
+        logger.info(f"   [{index}/{total}] done in {timings[stage.title]:.0f}s ({outcome.job_id})")
+
+    with tracking_uri(cfg.tracking.uri, workdir / "mlflow") as uri, local_head() as cluster:
+        env = {"MLFLOW_TRACKING_URI": uri}
+        pending: list[tuple[int, DemoStage]] = []
+        for index, stage in enumerate(jobs.stages, 1):
+            if resume and stage.output is not None and stage.output.is_file():
+                logger.info(f"== [{index}/{total}] {stage.title}: done earlier, kept (--resume)")
+                kept_seconds += timings.get(stage.title, 0.0)
+                continue
+            pending.append((index, stage))
+        for wave in _waves(pending):
+            if len(wave) == 1:
+                run_stage(*wave[0], cluster, env)
+            else:
+                run_concurrently(wave, cfg.train.concurrent_runs, lambda item: run_stage(*item, cluster, env))
         logger.info(f"MLflow: runs in {workdir / 'mlflow'} (browse with `mlflow ui --backend-store-uri sqlite:///...`)")
     results = json.loads((workdir / "eval" / "results.json").read_text())
     top_k_plot = workdir / "classifier" / "top_k.png"  # Fig. 2 analogue, drawn by the classify stage
@@ -332,10 +348,47 @@ def run_demo(
     return results
 
 
-def job_line(line: str) -> None:
-    """Forward a job's own progress lines (and errors) to the terminal, not Ray's per-task chatter."""
+def _waves(stages: list[tuple[int, DemoStage]]) -> list[list[tuple[int, DemoStage]]]:
+    """Consecutive concurrent stages form one wave; every other stage is a wave of its own (runs alone, in order)."""
+    waves: list[list[tuple[int, DemoStage]]] = []
+    for item in stages:
+        if waves and item[1].concurrent and waves[-1][-1][1].concurrent:
+            waves[-1].append(item)
+        else:
+            waves.append([item])
+    return waves
+
+
+def run_concurrently(items: list, at_once: int, run: Callable[[object], None]) -> None:
+    """`run(item)` for every item, `at_once` at a time, in order of submission. The first failure stops what has not
+    started and is raised at once (the caller then stops the cluster, which ends the jobs still running)."""
+    failed = threading.Event()
+
+    def guarded(item) -> None:
+        if failed.is_set():  # set by a failing item before its thread can take the next one
+            return
+        try:
+            run(item)
+        except BaseException:
+            failed.set()
+            raise
+
+    pool = ThreadPoolExecutor(max_workers=max(1, at_once), thread_name_prefix="demo-job")
+    futures = [pool.submit(guarded, item) for item in items]
+    try:
+        for future in as_completed(futures):
+            future.result()
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+
+
+def job_line(line: str, index: int | None = None) -> None:
+    """Forward a job's own progress lines (and errors) to the terminal, not Ray's per-task chatter; `index` names the
+    stage (jobs running side by side interleave their lines)."""
     if is_progress_line(line):
-        print(f"   | {line}", flush=True)
+        print(f"   {'' if index is None else f'[{index}] '}| {line}", flush=True)
 
 
 def summary_table(results: dict) -> str:

@@ -24,6 +24,7 @@ from ppd_ray.pipelines.demo import (
     JobSequence,
     demo_jobs,
     job_line,
+    run_concurrently,
 )
 
 logger = logging.getLogger(__name__)
@@ -93,11 +94,14 @@ def run_beta_sweep(
                         f"train.beta={beta:g}",
                         f"tracking.parent_run_id={parent}",
                     )
+            to_train = []
             for stage in jobs.stages:
                 if stage.output is not None and stage.output.is_file():
                     logger.info(f"== {stage.title}: kept {stage.output}")
                     continue
-                submit(stage.title, stage.entrypoint)
+                to_train.append(stage)
+            # independent runs: `train.concurrent_runs` at a time, as in the demo
+            run_concurrently(to_train, cfg.train.concurrent_runs, lambda stage: submit(stage.title, stage.entrypoint))
             adapters_path = sweep_dir / "adapters.json"
             adapters_path.write_text(json.dumps(jobs.adapters, indent=1) + "\n")
             validation_dir = sweep_dir / "validation"
