@@ -517,7 +517,7 @@ def smoke() -> PPDConfig:
             "train.max_steps=10",
             "train.upper_bound_steps=3",
             "train.cpus_per_worker=0.5",
-            "eval.captions=2",
+            "eval.captions=4",  # 4 images per one-reward user: enough for the demo test's brightness check
             "eval.users_per_split=4",
             "eval.captions_per_user=2",
             "eval.bootstrap_samples=200",

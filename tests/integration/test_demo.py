@@ -1,4 +1,6 @@
-"""`ppd demo --preset smoke`: the whole chain as Ray jobs on a local head, ending in a well-formed results file."""
+"""`ppd demo --preset smoke`: the whole chain as Ray jobs on a local head, through the installed `ppd` command (the
+README's demo command at the smoke size; CI runs it only here), ending in a results file where PPD has learnt the
+brightness user's taste."""
 
 from __future__ import annotations
 
@@ -30,9 +32,7 @@ def test_smoke_demo_runs_every_stage_and_writes_results(tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": ""}  # the demo must start (and stop) its own server
     completed = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "ppd_ray.cli.main",
+            str(Path(sys.executable).parent / "ppd"),  # the console script `make setup` installs
             "demo",
             "--preset",
             "smoke",
@@ -57,6 +57,11 @@ def test_smoke_demo_runs_every_stage_and_writes_results(tmp_path):
         assert set(entry["mean"]) >= {"base", "dpo", "sft", "ppd", "dpo_upper"}
         assert all(math.isfinite(entry["mean"][k]) for k in ("base", "dpo", "sft", "ppd", "dpo_upper"))
         assert -1.0 <= results["interpolation"][attribute]["spearman"] <= 1.0
+    # Learning, not only plumbing: even the smoke run's few steps move PPD's images toward the brightness user's
+    # taste (an adapter that learnt nothing draws exactly the base's images: zero-initialised value projection).
+    brightness = results["one_reward"]["brightness"]
+    assert brightness["mean"]["ppd"] > brightness["mean"]["base"], brightness["mean"]
+    assert brightness["win_rate_vs_base"]["n"] >= 4 and brightness["win_rate_vs_base"]["value"] >= 0.75, brightness
     for split in ("test_seen", "test_unseen"):
         assert _estimate_ok(results["population"][split]["win_rate_vs_base"])
     assert 0.0 < results["classifier"]["chance16"] <= 1.0 and 0.0 <= results["classifier"]["top16"] <= 1.0

@@ -105,7 +105,7 @@ def baseline_run(tmp_path_factory, cfg: PPDConfig, inputs: Stage2Inputs, trackin
 
 
 def mlflow_store(tmp_path_factory) -> Path:
-    """One MLflow store (sqlite + artifacts) per session: each module serves it with its own server."""
+    """One MLflow store (sqlite + artifacts) per session, served by the session's `tracking` server."""
     return tmp_path_factory.getbasetemp() / "stage2" / "mlflow"
 
 
