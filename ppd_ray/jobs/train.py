@@ -56,6 +56,8 @@ class TrainResult:
 
 def run(cfg: PPDConfig, precomputed: Path, out: Path, tracking: str | None = None) -> TrainResult:
     """Train `cfg.train.method` on `precomputed` into `out`; `tracking` overrides cfg.tracking.uri."""
+    import pyarrow as pa
+    import ray
     import ray.data
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -100,11 +102,16 @@ def run(cfg: PPDConfig, precomputed: Path, out: Path, tracking: str | None = Non
     if cfg.train.users is not None:
         # A few users' pairs are small: read and filter them once (in order), not again in every epoch.
         ray.data.DataContext.get_current().execution_options = _ordered_execution()
-        dataset = (
-            dataset.select_columns([*columns, "user_id"])
+        kept = (
+            dataset.select_columns([*columns, "user_id", "order_key"])
             .map_batches(keep_users, fn_kwargs={"users": cfg.train.users}, batch_format="pyarrow", batch_size=None)
             .materialize()
         )
+        # Sorted by the seeded order key on the driver, as one block: the materialised blocks came back in a different
+        # order on every run (measured: a per-user run's pair order, and so its adapter, changed from run to run).
+        # The key is what orders the unfiltered split's files and rows, so this is the order an ordered read gives.
+        table = pa.concat_tables(ray.get(kept.to_arrow_refs())).sort_by("order_key")
+        dataset = ray.data.from_arrow(table)
     dataset = dataset.select_columns(columns)
     with tracking_uri(tracking or cfg.tracking.uri, Path(cfg.tracking.local_store)) as uri:
         run_id = open_run(
