@@ -59,6 +59,9 @@ class PretrainSettings:
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
     text_encoder_steps: int = 3000  # steps the text encoder trains with the base before it is frozen
+    # A text encoder pretrained on its own (`ppd toy pretrain-text`: text_encoder/ + tokenizer/), frozen from the first
+    # step as the real CLIP is; replaces the fresh or resumed one, and `text_encoder_steps` no longer applies.
+    text_encoder_from: Path | None = None
     min_snr_gamma: float = 5.0  # 0 = plain mean of the ε-errors
     seed: int = 0
     resume_from: Path | None = None  # a saved base (with training_state/: exact resume; without: warm start)
@@ -102,6 +105,11 @@ class _Networks:
             self.unet = StableCascadeUNet.from_pretrained(source, subfolder="prior")
             self.tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
             self.text_encoder = CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder")
+        if settings.text_encoder_from is not None:
+            self.tokenizer = CLIPTokenizer.from_pretrained(settings.text_encoder_from, subfolder="tokenizer")
+            self.text_encoder = CLIPTextModelWithProjection.from_pretrained(
+                settings.text_encoder_from, subfolder="text_encoder"
+            )
         self.ema_unet = copy.deepcopy(self.unet).eval().requires_grad_(False)
         self.ema_text = copy.deepcopy(self.text_encoder).eval().requires_grad_(False)
         self.unet.train().requires_grad_(True)
@@ -199,6 +207,8 @@ def pretrain_toy_base(
             f"data.toy.image_size={image_size} gives {codec.latent_shape(image_size)} latents but model.latent_size="
             f"{cfg.model.latent_size}"
         )
+    # Steps the text encoder still trains with the prior (none when it was pretrained on its own).
+    text_steps = 0 if settings.text_encoder_from is not None else settings.text_encoder_steps
     captions = caption_grammar()
     clip_img = torch.zeros(settings.batch_size, 1, nets.unet.config.clip_image_in_channels)
     began, first_step = time.monotonic(), nets.step
@@ -217,10 +227,10 @@ def pretrain_toy_base(
         text = [
             UNCONDITIONAL_CAPTION if drop else caption for drop, caption in zip(dropped, batch_captions, strict=True)
         ]
-        if nets.step < settings.text_encoder_steps:
+        if nets.step < text_steps:
             hidden, pooled = nets.encode(nets.text_encoder, text)  # gradients reach the text encoder
         else:
-            hidden, pooled = nets.frozen_text(text, nets.step == settings.text_encoder_steps)
+            hidden, pooled = nets.frozen_text(text, nets.step == text_steps)
         timestep_ratio = torch.rand(settings.batch_size)
         noise = torch.randn_like(latents)
         noise_pred = nets.unet(
@@ -240,7 +250,7 @@ def pretrain_toy_base(
         nets.optimizer.step()
         nets.step += 1
         decay = min(settings.ema_decay, (1 + nets.step) / (10 + nets.step))  # short memory early on
-        text_training = nets.step <= settings.text_encoder_steps  # the step just taken updated the text encoder
+        text_training = nets.step <= text_steps  # the step just taken updated the text encoder
         with torch.no_grad():
             pairs = (
                 ((nets.ema_unet, nets.unet), (nets.ema_text, nets.text_encoder))
