@@ -1,6 +1,6 @@
 """Imports run down the layers only, so a folder can be read (and tested) without the ones above it.
 
-    ppd:      config  <  data, models  <  sample, embed, train  <  eval  <  check
+    ppd:      errors, config  <  data, models  <  sample, embed, train  <  eval  <  check
     ppd_ray:  console  <  infra  <  tracking  <  jobs  <  pipelines, serving  <  cli;  ppd never imports ppd_ray
 
 Read from the source (every import statement, also those inside functions), not by importing it.
@@ -16,15 +16,17 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # What each part may import from the project, besides itself. A part is a package or a top-level module.
+_BASE = {"ppd.errors", "ppd.config"}  # the library's user-facing errors and its config: every ppd part may use them
 ALLOWED = {
+    "ppd.errors": set(),
     "ppd.config": set(),
-    "ppd.data": {"ppd.config"},
-    "ppd.models": {"ppd.config"},
-    "ppd.sample": {"ppd.config", "ppd.models"},
-    "ppd.embed": {"ppd.config", "ppd.data", "ppd.models"},
-    "ppd.train": {"ppd.config", "ppd.data", "ppd.models"},
-    "ppd.eval": {"ppd.config", "ppd.data", "ppd.models", "ppd.sample", "ppd.embed", "ppd.train"},
-    "ppd.check": {"ppd.config", "ppd.data", "ppd.models", "ppd.sample", "ppd.embed", "ppd.train", "ppd.eval"},
+    "ppd.data": _BASE,
+    "ppd.models": _BASE,
+    "ppd.sample": _BASE | {"ppd.models"},
+    "ppd.embed": _BASE | {"ppd.data", "ppd.models"},
+    "ppd.train": _BASE | {"ppd.data", "ppd.models"},
+    "ppd.eval": _BASE | {"ppd.data", "ppd.models", "ppd.sample", "ppd.embed", "ppd.train"},
+    "ppd.check": _BASE | {"ppd.data", "ppd.models", "ppd.sample", "ppd.embed", "ppd.train", "ppd.eval"},
     "ppd_ray.console": set(),
     "ppd_ray.infra": {"ppd_ray.console"},
     "ppd_ray.tracking": {"ppd_ray.console", "ppd_ray.infra"},
