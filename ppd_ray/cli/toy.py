@@ -128,7 +128,7 @@ def toy_pretrain_base(
 @toy_app.command("pretrain-text")
 def toy_pretrain_text(
     out: Annotated[Path, typer.Option("--out", "-o", help="where text_encoder/ and tokenizer/ go")],
-    steps: Annotated[int, typer.Option(help="optimiser steps (fresh renders every step)")] = 1500,
+    steps: Annotated[int, typer.Option(help="optimiser steps (fresh renders every step)")] = 2500,
     batch_size: Annotated[int, typer.Option(help="captions per step, of distinct (colour, shape) pairs (<= 48)")] = 48,
     seed: Annotated[int, typer.Option(help="seed of the weights, captions and renders")] = 0,
     preset: PresetOption = "tiny_cpu",

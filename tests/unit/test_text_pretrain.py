@@ -57,3 +57,21 @@ def test_the_prior_trains_against_a_given_text_encoder_frozen_from_the_first_ste
     given = load_file(tmp_path / "text" / "text_encoder" / "model.safetensors")
     saved = load_file(tmp_path / "base" / "text_encoder" / "model.safetensors")
     assert given.keys() == saved.keys() and all(torch.equal(given[k], saved[k]) for k in given)
+
+
+def test_the_command_writes_an_encoder_the_base_pretraining_takes_and_says_what_it_learnt(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from ppd_ray.cli.main import app
+
+    out = tmp_path / "text"
+    result = CliRunner().invoke(app, ["toy", "pretrain-text", "--out", str(out), "--steps", "3", "--batch-size", "4"])
+    assert result.exit_code == 0, result.output
+    assert "hidden_shape" in result.output and f"--text-encoder-from {out}" in result.output
+    record = json.loads((out / "text_pretraining.json").read_text())
+    assert record["steps"] == 3 and set(record["probe_after"]) == set(record["probe_before"])
+    assert CLIPTextModelWithProjection.from_pretrained(out / "text_encoder").config.projection_dim > 0
+    missing = CliRunner().invoke(app, ["toy", "pretrain-base", "--text-encoder-from", str(tmp_path / "nowhere")])
+    assert missing.exit_code != 0 and "pretrain-text" in missing.output
