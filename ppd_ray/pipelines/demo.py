@@ -202,7 +202,6 @@ def demo_jobs(
             one_reward_inputs,
             upper_bound_variant(attribute),
             base,
-            "train.method=dpo",
             *dpo,
             f"train.users=[{user_id}]",
             f"train.max_steps={cfg.train.upper_bound_steps}",
@@ -303,7 +302,8 @@ def run_demo(
         + "\n"
     )
     logger.info(f"{len(jobs.stages)} jobs planned (commands in {workdir / 'jobs.sh'})")
-    # Seconds per finished stage, so that a resumed run still reports the whole run's time.
+    # Seconds per finished stage, so that a resumed run still reports the whole run's time (an upper bound when
+    # the kept stages had run side by side: their seconds add up, their wall time overlapped).
     timings_path = workdir / "timings.json"
     timings: dict[str, float] = json.loads(timings_path.read_text()) if resume and timings_path.is_file() else {}
     kept_seconds = 0.0
