@@ -190,6 +190,15 @@ class _Networks:
         return output.hidden_states[-1], output.text_embeds.unsqueeze(1)  # [B, 77, C], [B, 1, C]: as CaptionEncoder
 
 
+def _text_encoder_pretrained(settings: PretrainSettings) -> bool:
+    """Whether this run's text encoder came from `ppd toy pretrain-text` (given now, or recorded by the resumed run)."""
+    if settings.text_encoder_from is not None:
+        return True
+    if settings.resume_from is None:
+        return False
+    return read_record(settings.resume_from).get("settings", {}).get("text_encoder_from") is not None
+
+
 def pretrain_toy_base(
     cfg: PPDConfig,
     settings: PretrainSettings,
@@ -207,8 +216,9 @@ def pretrain_toy_base(
             f"data.toy.image_size={image_size} gives {codec.latent_shape(image_size)} latents but model.latent_size="
             f"{cfg.model.latent_size}"
         )
-    # Steps the text encoder still trains with the prior (none when it was pretrained on its own).
-    text_steps = 0 if settings.text_encoder_from is not None else settings.text_encoder_steps
+    # Steps the text encoder still trains with the prior: none when it was pretrained on its own, in this run or in
+    # the run being continued (a resume must not start training a frozen encoder again).
+    text_steps = 0 if _text_encoder_pretrained(settings) else settings.text_encoder_steps
     captions = caption_grammar()
     clip_img = torch.zeros(settings.batch_size, 1, nets.unet.config.clip_image_in_channels)
     began, first_step = time.monotonic(), nets.step

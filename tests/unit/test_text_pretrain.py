@@ -75,3 +75,17 @@ def test_the_command_writes_an_encoder_the_base_pretraining_takes_and_says_what_
     assert CLIPTextModelWithProjection.from_pretrained(out / "text_encoder").config.projection_dim > 0
     missing = CliRunner().invoke(app, ["toy", "pretrain-base", "--text-encoder-from", str(tmp_path / "nowhere")])
     assert missing.exit_code != 0 and "pretrain-text" in missing.output
+
+
+def test_continuing_such_a_base_keeps_its_text_encoder_frozen(tmp_path):
+    tokenizer, encoder = _fresh_encoder(seed=6)
+    encoder.save_pretrained(tmp_path / "text" / "text_encoder")
+    tokenizer.save_pretrained(tmp_path / "text" / "tokenizer")
+    settings = PretrainSettings(steps=2, batch_size=4, warmup_steps=1, seed=1, text_encoder_from=tmp_path / "text")
+    pretrain_toy_base(smoke(), settings, tmp_path / "base")
+    # a later chunk without --text-encoder-from (text_encoder_steps would otherwise train it for 3,000 steps)
+    more = PretrainSettings(steps=4, batch_size=4, warmup_steps=1, seed=1, resume_from=tmp_path / "base")
+    pretrain_toy_base(smoke(), more, tmp_path / "more")
+    given = load_file(tmp_path / "text" / "text_encoder" / "model.safetensors")
+    saved = load_file(tmp_path / "more" / "text_encoder" / "model.safetensors")
+    assert all(torch.equal(given[k], saved[k]) for k in given)
