@@ -1,8 +1,10 @@
 """Helpers shared by the tests (one copy each): PNG bytes of a pixel array or of one colour, and the processes still
-running that mention a path or address (what a command should have stopped)."""
+running that mention a path or address (what a command should have stopped), a toy world holding only its one-reward
+users."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -38,3 +40,12 @@ def processes_mentioning(text: str) -> list[str]:
         if text in command:
             found.append(f"{entry.name}: {command.strip()}")
     return found
+
+
+def one_reward_world(tmp_path: Path) -> Path:
+    """A toy-world folder holding only the manifest's one-reward users (all the demo's job planning reads of it)."""
+    world = tmp_path / "toy"
+    world.mkdir(exist_ok=True)
+    users = {"brightness": 100, "saturation": 101, "centredness": 102, "warmth": 103, "size": 104}
+    (world / "manifest.json").write_text(json.dumps({"one_reward_users": users}))
+    return world

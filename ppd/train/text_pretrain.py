@@ -18,9 +18,11 @@ the shapes apart: own-image accuracy 29% against 94%).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,7 +30,9 @@ from torch import nn
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from ppd.data.toyworld import caption_grammar, parse_caption, render, sample_scene_params
-from ppd.models.text import CLIP_MAX_LENGTH
+from ppd.models.text import CLIP_MAX_LENGTH, build_tiny_clip_tokenizer, tiny_clip_text_config
+
+TEXT_PRETRAINING_RECORD = "text_pretraining.json"
 
 
 @dataclass(frozen=True)
@@ -153,3 +157,31 @@ def word_separation(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModelWithPro
         for view, features in views.items()
         for word, labels in (("colour", colours), ("shape", shapes))
     }
+
+
+def pretrain_text_encoder_into(
+    out: Path,
+    image_size: int,
+    settings: TextPretrainSettings,
+    progress: Callable[[int, float, float], None] | None = None,
+) -> dict:
+    """A fresh tiny text encoder (seeded by `settings.seed`) trained by `pretrain_text_encoder`, saved as `out`'s
+    text_encoder/ + tokenizer/ (what `ppd toy pretrain-base --text-encoder-from` reads) with text_pretraining.json:
+    the summary and the probes of `word_separation` before and after. Returns that record."""
+    with torch.random.fork_rng():
+        torch.manual_seed(settings.seed)
+        tokenizer = build_tiny_clip_tokenizer()
+        text_encoder = CLIPTextModelWithProjection(tiny_clip_text_config(tokenizer))
+    before = word_separation(tokenizer, text_encoder)
+    summary = pretrain_text_encoder(tokenizer, text_encoder, image_size, settings, progress)
+    record = {
+        **summary,
+        "seed": settings.seed,
+        "image_size": image_size,
+        "probe_before": before,
+        "probe_after": word_separation(tokenizer, text_encoder),
+    }
+    text_encoder.save_pretrained(Path(out) / "text_encoder", safe_serialization=True)
+    tokenizer.save_pretrained(Path(out) / "tokenizer")
+    (Path(out) / TEXT_PRETRAINING_RECORD).write_text(json.dumps(record, indent=1) + "\n")
+    return record

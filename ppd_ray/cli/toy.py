@@ -138,43 +138,20 @@ def toy_pretrain_text(
     tower), so its states name the caption's shape as well as its colour; then `ppd toy pretrain-base
     --text-encoder-from OUT` trains the prior against it, frozen. Prints how well a linear probe reads colour and shape
     from the states before and after (held-out captions)."""
-    import json
-
-    import torch
-    from transformers import CLIPTextModelWithProjection
-
-    from ppd.models.text import build_tiny_clip_tokenizer, tiny_clip_text_config
-    from ppd.train.text_pretrain import TextPretrainSettings, pretrain_text_encoder, word_separation
+    from ppd.train.text_pretrain import TextPretrainSettings, pretrain_text_encoder_into
 
     cfg = config_or_fail(preset, overrides)
     if steps < 1 or batch_size < 2:
         fail("--steps must be >= 1 and --batch-size >= 2")
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        tokenizer = build_tiny_clip_tokenizer()
-        text_encoder = CLIPTextModelWithProjection(tiny_clip_text_config(tokenizer))
-    before = word_separation(tokenizer, text_encoder)
-    settings = TextPretrainSettings(steps=steps, batch_size=batch_size, seed=seed)
-    summary = pretrain_text_encoder(
-        tokenizer,
-        text_encoder,
+    record = pretrain_text_encoder_into(
+        out,
         cfg.data.toy.image_size,
-        settings,
+        TextPretrainSettings(steps=steps, batch_size=batch_size, seed=seed),
         progress=lambda step, loss, acc: logger.info(
             f"step {step}/{steps} loss {loss:.3f} own-image accuracy {acc:.2f}"
         ),
     )
-    after = word_separation(tokenizer, text_encoder)
-    text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
-    tokenizer.save_pretrained(out / "tokenizer")
-    record = {
-        **summary,
-        "seed": seed,
-        "image_size": cfg.data.toy.image_size,
-        "probe_before": before,
-        "probe_after": after,
-    }
-    (out / "text_pretraining.json").write_text(json.dumps(record, indent=1) + "\n")
+    before, after = record["probe_before"], record["probe_after"]
     for name in before:
         typer.echo(f"{name:14s} linear probe (held-out captions): {before[name]:.0%} -> {after[name]:.0%}")
     typer.echo(f"text encoder -> {out} (then: ppd toy pretrain-base --text-encoder-from {out})")

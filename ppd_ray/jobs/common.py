@@ -67,12 +67,9 @@ def run_job(parser: argparse.ArgumentParser, argv: list[str] | None, job: Callab
     setup_logging()
     try:
         print(job(args))
-    except JobError as err:
+    except (JobError, InputDataError) as err:  # InputDataError: the library's word for a user's mistake
         print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    except InputDataError as err:  # the library's word for a user's mistake: same one line, same status as a JobError
-        print(f"error: {err}", file=sys.stderr)
-        return JobError.exit_code
+        return getattr(err, "exit_code", JobError.exit_code)
     return 0
 
 

@@ -3,7 +3,6 @@ alone and in order, and a failing job stops what has not started."""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 
@@ -12,18 +11,11 @@ import pytest
 from ppd.config import smoke
 from ppd_ray.console import JobError
 from ppd_ray.pipelines.demo import _waves, demo_jobs, run_concurrently
-
-
-def _world(tmp_path):
-    world = tmp_path / "toy"
-    world.mkdir()
-    users = {"brightness": 100, "saturation": 101, "centredness": 102, "warmth": 103, "size": 104}
-    (world / "manifest.json").write_text(json.dumps({"one_reward_users": users}))
-    return world
+from tests.helpers import one_reward_world
 
 
 def test_the_nine_training_runs_form_one_wave_between_precompute_and_evaluate(tmp_path):
-    jobs = demo_jobs(smoke(), tmp_path / "work", [], 0, _world(tmp_path))
+    jobs = demo_jobs(smoke(), tmp_path / "work", [], 0, one_reward_world(tmp_path))
     waves = _waves(list(enumerate(jobs.stages, 1)))
     titles = [[stage.title for _, stage in wave] for wave in waves]
     (training,) = [wave for wave in titles if len(wave) > 1]

@@ -292,3 +292,13 @@ def test_micro_batch_randomness_depends_only_on_seed_step_and_rank() -> None:
     assert torch.equal(draws(0, 5, 1), draws(0, 5, 1))
     distinct = [draws(0, 5, 1), draws(0, 5, 0), draws(0, 6, 1), draws(1, 5, 1)]
     assert all(not torch.equal(a, b) for i, a in enumerate(distinct) for b in distinct[i + 1 :])
+
+
+def test_the_job_reports_a_folder_that_is_not_prepared_in_one_line_and_exit_status_2(tmp_path, capsys) -> None:
+    from ppd_ray.jobs import precompute
+
+    (tmp_path / "prepared").mkdir()  # exists, but holds no train split: the library's InputDataError
+    argv = ["--prepared", str(tmp_path / "prepared"), "--embeddings", str(tmp_path / "e"), "--out", str(tmp_path / "o")]
+    assert precompute.main([*argv, "--preset", "smoke"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1].startswith("error: ") and "train has no parquet files" in error[-1]

@@ -9,20 +9,13 @@ import shlex
 from ppd.config import smoke
 from ppd_ray.pipelines.demo import BETA_CHOICE, RESULTS_DIR, demo_jobs, read_beta_choice
 from ppd_ray.pipelines.sweep import choose, variant_name
+from tests.helpers import one_reward_world
 
 
 def test_the_best_validation_score_wins_and_ties_go_to_the_larger_beta():
     scores = {"ppd": {0.5: 0.1, 2.0: 0.4, 8.0: 0.3}, "dpo": {0.5: 0.2, 2.0: 0.2}}
     assert choose(scores) == {"ppd": 2.0, "dpo": 2.0}
     assert variant_name("ppd", 0.5) == "ppd_beta0.5" and variant_name("dpo", 8.0) == "dpo_beta8"
-
-
-def _world(tmp_path):
-    world = tmp_path / "toy"
-    world.mkdir(exist_ok=True)
-    users = {"brightness": 100, "saturation": 101, "centredness": 102, "warmth": 103, "size": 104}
-    (world / "manifest.json").write_text(json.dumps({"one_reward_users": users}))
-    return world
 
 
 def _betas_by_title(jobs) -> dict[str, str | None]:
@@ -43,7 +36,7 @@ def test_the_demo_trains_ppd_and_dpo_with_the_chosen_betas(tmp_path):
     betas = read_beta_choice(out, cfg.preset)
     assert betas == {"ppd": 8.0, "dpo": 0.5} and read_beta_choice(out, "tiny_cpu") is None  # another preset's
 
-    by_title = _betas_by_title(demo_jobs(cfg, tmp_path / "work", [], 0, _world(tmp_path), betas))
+    by_title = _betas_by_title(demo_jobs(cfg, tmp_path / "work", [], 0, one_reward_world(tmp_path), betas))
     assert by_title["train PPD on the one-reward users"] == "8"
     assert by_title["train PPD on the population"] == "8"
     assert by_title["train Diffusion-DPO (no user) on the one-reward users"] == "0.5"
@@ -51,5 +44,5 @@ def test_the_demo_trains_ppd_and_dpo_with_the_chosen_betas(tmp_path):
     assert len(uppers) == 5 and all(by_title[t] == "0.5" for t in uppers)
     assert by_title["train SFT on preferred images on the one-reward users"] is None
     assert all(by_title[t] is None for t in by_title if not t.startswith("train"))
-    default = _betas_by_title(demo_jobs(cfg, tmp_path / "work", [], 0, _world(tmp_path)))
+    default = _betas_by_title(demo_jobs(cfg, tmp_path / "work", [], 0, one_reward_world(tmp_path)))
     assert all(beta is None for beta in default.values())  # without a choice nothing overrides the preset

@@ -48,13 +48,18 @@ def test_word_separation_reads_colour_and_shape_only_from_an_encoder_that_knows_
     assert planted["hidden_colour"] == 1.0 and planted["hidden_shape"] == 1.0, planted
 
 
-def test_the_prior_trains_against_a_given_text_encoder_frozen_from_the_first_step(tmp_path):
-    tokenizer, encoder = _fresh_encoder(seed=5)
+def _base_against_a_saved_encoder(tmp_path, seed: int) -> dict[str, torch.Tensor]:
+    """Save a fresh text encoder, pretrain a 2-step base against it into tmp_path/base; returns the encoder's weights."""
+    tokenizer, encoder = _fresh_encoder(seed=seed)
     encoder.save_pretrained(tmp_path / "text" / "text_encoder")
     tokenizer.save_pretrained(tmp_path / "text" / "tokenizer")
     settings = PretrainSettings(steps=2, batch_size=4, warmup_steps=1, seed=1, text_encoder_from=tmp_path / "text")
     pretrain_toy_base(smoke(), settings, tmp_path / "base")
-    given = load_file(tmp_path / "text" / "text_encoder" / "model.safetensors")
+    return load_file(tmp_path / "text" / "text_encoder" / "model.safetensors")
+
+
+def test_the_prior_trains_against_a_given_text_encoder_frozen_from_the_first_step(tmp_path):
+    given = _base_against_a_saved_encoder(tmp_path, seed=5)
     saved = load_file(tmp_path / "base" / "text_encoder" / "model.safetensors")
     assert given.keys() == saved.keys() and all(torch.equal(given[k], saved[k]) for k in given)
 
@@ -78,14 +83,9 @@ def test_the_command_writes_an_encoder_the_base_pretraining_takes_and_says_what_
 
 
 def test_continuing_such_a_base_keeps_its_text_encoder_frozen(tmp_path):
-    tokenizer, encoder = _fresh_encoder(seed=6)
-    encoder.save_pretrained(tmp_path / "text" / "text_encoder")
-    tokenizer.save_pretrained(tmp_path / "text" / "tokenizer")
-    settings = PretrainSettings(steps=2, batch_size=4, warmup_steps=1, seed=1, text_encoder_from=tmp_path / "text")
-    pretrain_toy_base(smoke(), settings, tmp_path / "base")
+    given = _base_against_a_saved_encoder(tmp_path, seed=6)
     # a later chunk without --text-encoder-from (text_encoder_steps would otherwise train it for 3,000 steps)
     more = PretrainSettings(steps=4, batch_size=4, warmup_steps=1, seed=1, resume_from=tmp_path / "base")
     pretrain_toy_base(smoke(), more, tmp_path / "more")
-    given = load_file(tmp_path / "text" / "text_encoder" / "model.safetensors")
     saved = load_file(tmp_path / "more" / "text_encoder" / "model.safetensors")
     assert all(torch.equal(given[k], saved[k]) for k in given)
