@@ -161,6 +161,9 @@ class TrainConfig(_Section):
         None, description="train only on pairs of these user ids (e.g. a per-reward DPO upper bound); None = all"
     )
     upper_bound_steps: int = Field(200, ge=1, description="optimiser steps of each per-reward DPO upper bound (demo)")
+    upper_bound_rewards: list[str] | None = Field(
+        None, description="rewards whose per-reward DPO upper bound the demo trains (one run each); None = all five"
+    )
     concurrent_runs: int = Field(
         1,
         ge=1,
@@ -186,6 +189,14 @@ class TrainConfig(_Section):
     def grad_accumulation(self) -> int:
         """Accumulation steps so that workers x micro-batch x accumulation = effective batch."""
         return self.effective_batch // (self.num_workers * self.micro_batch)
+
+    @field_validator("upper_bound_rewards")
+    @classmethod
+    def _known_rewards(cls, rewards: list[str] | None) -> list[str] | None:
+        unknown = sorted(set(rewards or ()) - set(ATTRIBUTES))
+        if unknown:
+            raise ValueError(f"unknown reward(s) {', '.join(unknown)} (known: {', '.join(ATTRIBUTES)})")
+        return rewards
 
     @model_validator(mode="after")
     def _effective_batch_divides(self) -> TrainConfig:
@@ -516,6 +527,9 @@ def smoke() -> PPDConfig:
             "train.effective_batch=8",
             "train.max_steps=10",
             "train.upper_bound_steps=3",
+            # One upper bound (each is a training job of ~40 s, mostly start-up): the demo test's time goes on what it
+            # checks; the full demo trains all five.
+            "train.upper_bound_rewards=[brightness]",
             "train.cpus_per_worker=0.5",
             "eval.captions=4",  # 4 images per one-reward user: enough for the demo test's brightness check
             "eval.users_per_split=4",

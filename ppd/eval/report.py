@@ -57,7 +57,7 @@ def target_checks(results: dict) -> list[TargetCheck]:
                 mean["ppd"] >= mean["dpo"],
             )
         )
-        if "dpo_upper" in mean:
+        if math.isfinite(mean.get("dpo_upper", math.nan)):  # NaN: the run trained no upper bound for this reward
             checks.append(
                 TargetCheck(
                     f"DPO upper bound beats the base: {attribute}",
@@ -206,6 +206,11 @@ def _pct(x: float) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.0f}%"
 
 
+def _mean_or_dash(mean: float | None) -> str:
+    """A mean reward, or a dash where the run trained no such model (NaN: e.g. the smoke demo's one upper bound)."""
+    return "—" if mean is None or math.isnan(mean) else f"{mean:.2f}"
+
+
 def _ci(est: dict) -> str:
     return f"{_pct(est['value'])} [{_pct(est['ci95'][0])}, {_pct(est['ci95'][1])}]"
 
@@ -288,7 +293,7 @@ def render_results_markdown(runs: list[dict], command: str, investigation: str |
                 m = entry["mean"]
                 lines.append(
                     f"| {r['seed']} | {attribute} | {m['base']:.2f} | {m['dpo']:.2f} | {m['sft']:.2f} | {m['ppd']:.2f} | "
-                    f"{m.get('dpo_upper', float('nan')):.2f} | {_ci(entry['win_rate_vs_base'])} |"
+                    f"{_mean_or_dash(m.get('dpo_upper'))} | {_ci(entry['win_rate_vs_base'])} |"
                 )
         lines.append("")
     if any(r.get("interpolation") for r in runs):

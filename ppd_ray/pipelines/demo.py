@@ -197,6 +197,8 @@ def demo_jobs(
         "train SFT on preferred images on the one-reward users", one_reward_inputs, "sft", base, "train.method=sft"
     )
     for attribute, user_id in one_reward_user_ids(world).items():
+        if cfg.train.upper_bound_rewards is not None and attribute not in cfg.train.upper_bound_rewards:
+            continue
         jobs.train(
             f"train the DPO upper bound for {attribute} (user {user_id} only)",
             one_reward_inputs,

@@ -3,19 +3,21 @@ alone and in order, and a failing job stops what has not started."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from ppd.config import smoke
+from ppd.config import ATTRIBUTES, ConfigError, smoke, tiny_cpu
 from ppd_ray.console import JobError
 from ppd_ray.pipelines.demo import _waves, demo_jobs, run_concurrently
 from tests.helpers import one_reward_world
 
 
 def test_the_nine_training_runs_form_one_wave_between_precompute_and_evaluate(tmp_path):
-    jobs = demo_jobs(smoke(), tmp_path / "work", [], 0, one_reward_world(tmp_path))
+    jobs = demo_jobs(tiny_cpu(), tmp_path / "work", [], 0, one_reward_world(tmp_path))
     waves = _waves(list(enumerate(jobs.stages, 1)))
     titles = [[stage.title for _, stage in wave] for wave in waves]
     (training,) = [wave for wave in titles if len(wave) > 1]
@@ -25,6 +27,27 @@ def test_the_nine_training_runs_form_one_wave_between_precompute_and_evaluate(tm
     assert titles[position - 1] == ["precompute population"] and titles[position + 1][0].startswith("evaluate")
     # every stage keeps its place in the order (waves are consecutive runs of the list)
     assert [index for wave in waves for index, _ in wave] == list(range(1, len(jobs.stages) + 1))
+
+
+def _upper_bound_users(cfg, tmp_path) -> dict[str, list[str]]:
+    """The DPO upper-bound runs a demo plans: variant -> its `train.users=[...]` overrides."""
+    jobs = demo_jobs(cfg, tmp_path / "work", [], 0, one_reward_world(tmp_path))
+    return {
+        Path(stage.argv[stage.argv.index("--out") + 1]).name: [a for a in stage.argv if a.startswith("train.users=")]
+        for stage in jobs.stages
+        if stage.title.startswith("train the DPO upper bound")
+    }
+
+
+def test_the_demo_trains_the_upper_bounds_of_the_rewards_it_is_given(tmp_path):
+    world = one_reward_world(tmp_path)
+    ids = json.loads((world / "manifest.json").read_text())["one_reward_users"]
+    every = _upper_bound_users(tiny_cpu(), tmp_path)
+    assert every == {f"dpo_upper_{a}": [f"train.users=[{ids[a]}]"] for a in ATTRIBUTES}
+    # the smoke preset: brightness's alone (the demo test checks that reward)
+    assert _upper_bound_users(smoke(), tmp_path) == {"dpo_upper_brightness": [f"train.users=[{ids['brightness']}]"]}
+    with pytest.raises(ConfigError, match="unknown reward.*sharpness"):
+        smoke().with_overrides(["train.upper_bound_rewards=[brightness, sharpness]"])
 
 
 def test_runs_at_most_the_given_number_at_once_and_all_of_them():

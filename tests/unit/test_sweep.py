@@ -27,7 +27,7 @@ def _betas_by_title(jobs) -> dict[str, str | None]:
 
 
 def test_the_demo_trains_ppd_and_dpo_with_the_chosen_betas(tmp_path):
-    cfg = smoke()
+    cfg = smoke().with_overrides(["train.upper_bound_rewards=null"])  # all five upper bounds, as the full demo
     out = tmp_path / "out"
     assert read_beta_choice(out, cfg.preset) is None  # no sweep yet: the preset's β
     (out / RESULTS_DIR).mkdir(parents=True)
