@@ -19,11 +19,15 @@ optimiser moments, RNG states; safetensors + JSON): `--resume-from` continues a 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import logging
 import math
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,6 +43,8 @@ from ppd.models.codec import ToyCodec
 from ppd.models.schedule import add_noise, alpha_cumprod
 from ppd.models.stage_c import build_stage_c
 from ppd.models.text import CLIP_MAX_LENGTH, build_tiny_clip_tokenizer, tiny_clip_text_config
+
+logger = logging.getLogger(__name__)
 
 PRETRAINING_RECORD = "pretraining.json"
 TRAINING_STATE = "training_state"
@@ -222,7 +228,49 @@ def pretrain_toy_base(
     captions = caption_grammar()
     clip_img = torch.zeros(settings.batch_size, 1, nets.unet.config.clip_image_in_channels)
     began, first_step = time.monotonic(), nets.step
+    with _stop_on_interrupt() as interrupted:
+        _train_steps(nets, settings, codec, captions, clip_img, text_steps, image_size, began, interrupted, progress)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    nets.ema_unet.save_pretrained(out / "prior", safe_serialization=True)
+    nets.ema_text.save_pretrained(out / "text_encoder", safe_serialization=True)
+    nets.tokenizer.save_pretrained(out / "tokenizer")
+    nets.save_state(out / TRAINING_STATE)
+    summary = {
+        "steps_done": nets.step,
+        "interrupted": interrupted.is_set(),
+        "steps_target": settings.steps,
+        "finished": nets.step >= settings.steps,
+        "steps_this_run": nets.step - first_step,
+        "seconds_this_run": round(time.monotonic() - began, 1),
+        "final_loss": float(np.mean(nets.losses[-100:])) if nets.losses else float("nan"),
+        "image_size": image_size,
+        "latent_shape": list(codec.latent_shape(image_size)),
+        "unconditional_caption": UNCONDITIONAL_CAPTION,
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()},
+    }
+    previous = read_record(settings.resume_from) if settings.resume_from is not None else {}
+    summary["seconds_total"] = round(previous.get("seconds_total", 0.0) + summary["seconds_this_run"], 1)
+    write_record(out, summary)
+    return summary
+
+
+def _train_steps(
+    nets: _Networks,
+    settings: PretrainSettings,
+    codec: ToyCodec,
+    captions: list[str],
+    clip_img: torch.Tensor,
+    text_steps: int,
+    image_size: int,
+    began: float,
+    interrupted: threading.Event,
+    progress: Callable[[int, float], None] | None,
+) -> None:
+    """Optimiser steps until the target, the time limit, `stop_at` or a Ctrl-C (always between two whole steps)."""
     while nets.step < settings.steps:
+        if interrupted.is_set():
+            break
         if settings.max_seconds is not None and time.monotonic() - began > settings.max_seconds:
             break
         if settings.stop_at is not None and nets.step >= settings.stop_at:
@@ -273,28 +321,29 @@ def pretrain_toy_base(
         nets.losses.append(float(error.detach().mean()))
         if progress is not None and (nets.step % 100 == 0 or nets.step == settings.steps):
             progress(nets.step, float(np.mean(nets.losses[-100:])))
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    nets.ema_unet.save_pretrained(out / "prior", safe_serialization=True)
-    nets.ema_text.save_pretrained(out / "text_encoder", safe_serialization=True)
-    nets.tokenizer.save_pretrained(out / "tokenizer")
-    nets.save_state(out / TRAINING_STATE)
-    summary = {
-        "steps_done": nets.step,
-        "steps_target": settings.steps,
-        "finished": nets.step >= settings.steps,
-        "steps_this_run": nets.step - first_step,
-        "seconds_this_run": round(time.monotonic() - began, 1),
-        "final_loss": float(np.mean(nets.losses[-100:])) if nets.losses else float("nan"),
-        "image_size": image_size,
-        "latent_shape": list(codec.latent_shape(image_size)),
-        "unconditional_caption": UNCONDITIONAL_CAPTION,
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()},
-    }
-    previous = read_record(settings.resume_from) if settings.resume_from is not None else {}
-    summary["seconds_total"] = round(previous.get("seconds_total", 0.0) + summary["seconds_this_run"], 1)
-    write_record(out, summary)
-    return summary
+
+
+@contextlib.contextmanager
+def _stop_on_interrupt() -> Iterator[threading.Event]:
+    """A first Ctrl-C (SIGINT) asks the run to stop after the step in progress, so that the base and its resume state
+    are saved as with --max-minutes; a second one aborts at once. Outside the main thread (no signal handlers there)
+    Ctrl-C keeps its usual meaning."""
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+
+    def on_interrupt(signum, frame):
+        if requested.is_set():
+            raise KeyboardInterrupt
+        requested.set()
+        logger.warning("stopping after this step and saving the base (Ctrl-C again to abort without saving)")
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield requested
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def write_record(directory: Path, record: dict) -> None:

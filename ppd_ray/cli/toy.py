@@ -115,6 +115,9 @@ def toy_pretrain_base(
         fail(str(err))
     state = "finished" if summary["finished"] else "stopped early (continue with --resume-from)"
     typer.echo(f"toy base -> {out}: step {summary['steps_done']}/{steps} {state}, loss {summary['final_loss']:.4f}")
+    if summary["interrupted"]:  # Ctrl-C: the user wants the machine back; the gate can be measured after a resume
+        typer.echo(f"interrupted: saved; continue with --resume-from {out} --out {out}")
+        return
     if gate_samples > 0:
         logger.info(f"quality gate on {gate_samples} samples")
         base = VariantGenerator(cfg.with_overrides([f"model.stage_c_path={out.resolve()}"]), None)

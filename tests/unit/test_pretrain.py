@@ -66,3 +66,31 @@ def test_min_snr_weights_only_cut_low_noise_steps():
     assert w[2] == 1 and w[3] == 1  # noisy steps keep their full weight
     assert w[0] < w[1] < 1  # the cleaner the input, the smaller the weight
     assert torch.equal(min_snr_weights(t, gamma=0.0), torch.ones(4))
+
+
+def test_ctrl_c_stops_after_the_step_in_progress_and_saves_a_resumable_base(tmp_path, monkeypatch):
+    """A first SIGINT during a step lets that step finish, then the run saves as a time limit would."""
+    import os
+    import signal
+
+    import ppd.train.pretrain as pretrain
+
+    renders = []
+
+    def render_then_interrupt(*args, **kwargs):
+        renders.append(1)
+        if len(renders) == 2:  # during step 2: the user presses Ctrl-C
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_render(*args, **kwargs)
+
+    real_render = pretrain.render
+    monkeypatch.setattr(pretrain, "render", render_then_interrupt)
+    cfg = smoke()
+    settings = PretrainSettings(steps=4, batch_size=4, warmup_steps=2, seed=3, text_encoder_steps=2)
+    handler_before = signal.getsignal(signal.SIGINT)
+    stopped = pretrain_toy_base(cfg, settings, tmp_path / "stopped")
+    assert stopped["interrupted"] and stopped["steps_done"] == 2 and not stopped["finished"]
+    assert signal.getsignal(signal.SIGINT) is handler_before  # Ctrl-C means what it meant before the run
+    monkeypatch.setattr(pretrain, "render", real_render)
+    resumed = pretrain_toy_base(cfg, replace(settings, resume_from=tmp_path / "stopped"), tmp_path / "resumed")
+    assert resumed["steps_done"] == 4 and resumed["steps_this_run"] == 2 and not resumed["interrupted"]
