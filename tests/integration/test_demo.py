@@ -76,7 +76,8 @@ def test_smoke_demo_runs_every_stage_and_writes_results(tmp_path):
     assert "DPO upper bound beats the base: size" not in markdown
     for link in results["figures"].values():  # the Markdown's image links resolve next to it
         assert (out / link).is_file() and f"]({link})" in markdown
-    # every training run (PPD, DPO, SFT, population, one upper bound) and the evaluation reached the demo's MLflow store and ended FINISHED
+    # every training run (PPD, DPO, SFT, population, one upper bound) and the evaluation reached the demo's MLflow
+    # store and ended FINISHED
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow' / 'mlflow.db'}")
