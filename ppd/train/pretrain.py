@@ -202,7 +202,9 @@ def _text_encoder_pretrained(settings: PretrainSettings) -> bool:
         return True
     if settings.resume_from is None:
         return False
-    return read_record(settings.resume_from).get("settings", {}).get("text_encoder_from") is not None
+    record = read_record(settings.resume_from)
+    # `text_encoder_pretrained` carries the fact down a chain of chunks; older records only name the first chunk's source
+    return bool(record.get("text_encoder_pretrained") or record.get("settings", {}).get("text_encoder_from"))
 
 
 def pretrain_toy_base(
@@ -224,12 +226,66 @@ def pretrain_toy_base(
         )
     # Steps the text encoder still trains with the prior: none when it was pretrained on its own, in this run or in
     # the run being continued (a resume must not start training a frozen encoder again).
-    text_steps = 0 if _text_encoder_pretrained(settings) else settings.text_encoder_steps
+    text_pretrained = _text_encoder_pretrained(settings)
+    text_steps = 0 if text_pretrained else settings.text_encoder_steps
     captions = caption_grammar()
     clip_img = torch.zeros(settings.batch_size, 1, nets.unet.config.clip_image_in_channels)
     began, first_step = time.monotonic(), nets.step
-    with _stop_on_interrupt() as interrupted:
-        _train_steps(nets, settings, codec, captions, clip_img, text_steps, image_size, began, interrupted, progress)
+    with _stop_on_interrupt() as interrupted:  # Ctrl-C: stop between two whole steps, then save
+        while nets.step < settings.steps:
+            if interrupted.is_set():
+                break
+            if settings.max_seconds is not None and time.monotonic() - began > settings.max_seconds:
+                break
+            if settings.stop_at is not None and nets.step >= settings.stop_at:
+                break
+            for group in nets.optimizer.param_groups:
+                group["lr"] = learning_rate(settings, nets.step)
+            index = nets.rng.integers(0, len(captions), settings.batch_size)
+            batch_captions = [captions[i] for i in index]
+            images = render(batch_captions, sample_scene_params(nets.rng, settings.batch_size), image_size)
+            latents = codec.encode(images_to_unit_range(images))  # [B, C, h, w]
+            dropped = nets.rng.random(settings.batch_size) < settings.caption_dropout
+            text = [
+                UNCONDITIONAL_CAPTION if drop else caption
+                for drop, caption in zip(dropped, batch_captions, strict=True)
+            ]
+            if nets.step < text_steps:
+                hidden, pooled = nets.encode(nets.text_encoder, text)  # gradients reach the text encoder
+            else:
+                hidden, pooled = nets.frozen_text(text, nets.step == text_steps)
+            timestep_ratio = torch.rand(settings.batch_size)
+            noise = torch.randn_like(latents)
+            noise_pred = nets.unet(
+                sample=add_noise(latents, noise, timestep_ratio),
+                timestep_ratio=timestep_ratio,
+                clip_text_pooled=pooled,
+                clip_text=hidden,
+                clip_img=clip_img,
+                return_dict=False,
+            )[0]
+            error = (noise_pred - noise).pow(2).mean(dim=(1, 2, 3))  # [B]
+            weights = min_snr_weights(timestep_ratio, settings.min_snr_gamma)  # [B]
+            loss = (error * weights).sum() / weights.sum()
+            nets.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(nets.parameters, 1.0)
+            nets.optimizer.step()
+            nets.step += 1
+            decay = min(settings.ema_decay, (1 + nets.step) / (10 + nets.step))  # short memory early on
+            text_training = nets.step <= text_steps  # the step just taken updated the text encoder
+            with torch.no_grad():
+                pairs = (
+                    ((nets.ema_unet, nets.unet), (nets.ema_text, nets.text_encoder))
+                    if text_training
+                    else ((nets.ema_unet, nets.unet),)
+                )
+                for ema, live in pairs:
+                    for ema_param, param in zip(ema.parameters(), live.parameters(), strict=True):
+                        ema_param.lerp_(param, 1 - decay)
+            nets.losses.append(float(error.detach().mean()))
+            if progress is not None and (nets.step % 100 == 0 or nets.step == settings.steps):
+                progress(nets.step, float(np.mean(nets.losses[-100:])))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     nets.ema_unet.save_pretrained(out / "prior", safe_serialization=True)
@@ -239,6 +295,7 @@ def pretrain_toy_base(
     summary = {
         "steps_done": nets.step,
         "interrupted": interrupted.is_set(),
+        "text_encoder_pretrained": text_pretrained,
         "steps_target": settings.steps,
         "finished": nets.step >= settings.steps,
         "steps_this_run": nets.step - first_step,
@@ -253,74 +310,6 @@ def pretrain_toy_base(
     summary["seconds_total"] = round(previous.get("seconds_total", 0.0) + summary["seconds_this_run"], 1)
     write_record(out, summary)
     return summary
-
-
-def _train_steps(
-    nets: _Networks,
-    settings: PretrainSettings,
-    codec: ToyCodec,
-    captions: list[str],
-    clip_img: torch.Tensor,
-    text_steps: int,
-    image_size: int,
-    began: float,
-    interrupted: threading.Event,
-    progress: Callable[[int, float], None] | None,
-) -> None:
-    """Optimiser steps until the target, the time limit, `stop_at` or a Ctrl-C (always between two whole steps)."""
-    while nets.step < settings.steps:
-        if interrupted.is_set():
-            break
-        if settings.max_seconds is not None and time.monotonic() - began > settings.max_seconds:
-            break
-        if settings.stop_at is not None and nets.step >= settings.stop_at:
-            break
-        for group in nets.optimizer.param_groups:
-            group["lr"] = learning_rate(settings, nets.step)
-        index = nets.rng.integers(0, len(captions), settings.batch_size)
-        batch_captions = [captions[i] for i in index]
-        images = render(batch_captions, sample_scene_params(nets.rng, settings.batch_size), image_size)
-        latents = codec.encode(images_to_unit_range(images))  # [B, C, h, w]
-        dropped = nets.rng.random(settings.batch_size) < settings.caption_dropout
-        text = [
-            UNCONDITIONAL_CAPTION if drop else caption for drop, caption in zip(dropped, batch_captions, strict=True)
-        ]
-        if nets.step < text_steps:
-            hidden, pooled = nets.encode(nets.text_encoder, text)  # gradients reach the text encoder
-        else:
-            hidden, pooled = nets.frozen_text(text, nets.step == text_steps)
-        timestep_ratio = torch.rand(settings.batch_size)
-        noise = torch.randn_like(latents)
-        noise_pred = nets.unet(
-            sample=add_noise(latents, noise, timestep_ratio),
-            timestep_ratio=timestep_ratio,
-            clip_text_pooled=pooled,
-            clip_text=hidden,
-            clip_img=clip_img,
-            return_dict=False,
-        )[0]
-        error = (noise_pred - noise).pow(2).mean(dim=(1, 2, 3))  # [B]
-        weights = min_snr_weights(timestep_ratio, settings.min_snr_gamma)  # [B]
-        loss = (error * weights).sum() / weights.sum()
-        nets.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(nets.parameters, 1.0)
-        nets.optimizer.step()
-        nets.step += 1
-        decay = min(settings.ema_decay, (1 + nets.step) / (10 + nets.step))  # short memory early on
-        text_training = nets.step <= text_steps  # the step just taken updated the text encoder
-        with torch.no_grad():
-            pairs = (
-                ((nets.ema_unet, nets.unet), (nets.ema_text, nets.text_encoder))
-                if text_training
-                else ((nets.ema_unet, nets.unet),)
-            )
-            for ema, live in pairs:
-                for ema_param, param in zip(ema.parameters(), live.parameters(), strict=True):
-                    ema_param.lerp_(param, 1 - decay)
-        nets.losses.append(float(error.detach().mean()))
-        if progress is not None and (nets.step % 100 == 0 or nets.step == settings.steps):
-            progress(nets.step, float(np.mean(nets.losses[-100:])))
 
 
 @contextlib.contextmanager

@@ -89,3 +89,8 @@ def test_continuing_such_a_base_keeps_its_text_encoder_frozen(tmp_path):
     pretrain_toy_base(smoke(), more, tmp_path / "more")
     saved = load_file(tmp_path / "more" / "text_encoder" / "model.safetensors")
     assert all(torch.equal(given[k], saved[k]) for k in given)
+    # and a chunk after that one: the record of the second chunk (no --text-encoder-from) still says so
+    third = PretrainSettings(steps=6, batch_size=4, warmup_steps=1, seed=1, resume_from=tmp_path / "more")
+    pretrain_toy_base(smoke(), third, tmp_path / "third")
+    saved = load_file(tmp_path / "third" / "text_encoder" / "model.safetensors")
+    assert all(torch.equal(given[k], saved[k]) for k in given)
