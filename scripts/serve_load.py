@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import io
 import json
 import math
 import random
@@ -34,8 +33,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
+import numpy as np
 import tenacity
-from PIL import Image
 
 CAPTIONS = ["a picture of a teal ring", "a picture of a red square", "a picture of a yellow triangle"]
 APP_NAME = "ppd"
@@ -46,13 +45,14 @@ APP_NAME = "ppd"
 
 def png_base64(colour: tuple[int, int, int], size: int = 16, noise_seed: int | None = None) -> str:
     """A size x size PNG, plain or with random noise (noise makes PNGs large: the oversized-image case)."""
-    image = Image.new("RGB", (size, size), colour)
+    from ppd.data.images import png_bytes
+
+    pixels = np.full((size, size, 3), colour, dtype=np.uint8)  # [H, W, 3]
     if noise_seed is not None:
         rng = random.Random(noise_seed)
-        image.putdata([tuple(rng.randrange(256) for _ in range(3)) for _ in range(size * size)])
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
+        noise = [rng.randrange(256) for _ in range(size * size * 3)]  # row by row, R G B per pixel
+        pixels = np.asarray(noise, dtype=np.uint8).reshape(size, size, 3)
+    return base64.b64encode(png_bytes(pixels)).decode()
 
 
 def user_pairs(user: int, shots: int = 4) -> list[dict]:

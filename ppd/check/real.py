@@ -662,8 +662,8 @@ def _prompt_text_tokens(shots: int) -> int:
 
 def _variant_generator_serve(cfg: PPDConfig, jobs: Sequence[dict]) -> list[list[bytes]]:
     """The evaluation generator standing in for Serve's (same VariantGenerator, per-row users and scales)."""
+    from ppd.data.images import png_bytes
     from ppd.eval.generate import VariantGenerator
-    from ppd.eval.rewards import png_bytes
 
     generator = VariantGenerator(cfg, cfg.serve.adapter_dir, device="cpu")
     out = []

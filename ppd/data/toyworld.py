@@ -8,7 +8,6 @@ go to hidden/ and only evaluation may read them.
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
 from ppd.config import ATTRIBUTES, ToyWorldConfig
+from ppd.data.images import png_bytes
 from ppd.data.schema import PICKAPIC_V2_SCHEMA
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "ring", "cross")
@@ -256,12 +255,6 @@ def make_users(cfg: ToyWorldConfig, seed: int) -> list[SyntheticUser]:
 # --- pair generation ------------------------------------------------------------------------------------------------
 
 
-def _png_bytes(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG", optimize=False, compress_level=6)
-    return buffer.getvalue()
-
-
 def _uid(rng: np.random.Generator) -> str:
     h = rng.bytes(16).hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
@@ -292,8 +285,8 @@ def _user_pairs(
     best = ["" if t else (u0 if p else u1) for t, p, u0, u1 in zip(tie, prefers_0, uids_0, uids_1, strict=True)]
     return {
         "caption": captions,
-        "jpg_0": [_png_bytes(im) for im in images_0],
-        "jpg_1": [_png_bytes(im) for im in images_1],
+        "jpg_0": [png_bytes(im) for im in images_0],
+        "jpg_1": [png_bytes(im) for im in images_1],
         "label_0": label_0.tolist(),
         "label_1": (1.0 - label_0).tolist(),
         "user_id": [user.user_id] * n_pairs,

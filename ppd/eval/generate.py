@@ -11,9 +11,10 @@ import torch
 from cachetools import LRUCache
 
 from ppd.config import PPDConfig
+from ppd.data.images import png_bytes
 from ppd.eval.image_rewards import load_image_rewards, score_images
 from ppd.eval.report import image_grid
-from ppd.eval.rewards import png_bytes, to_uint8_images
+from ppd.eval.rewards import to_uint8_images
 from ppd.models.checkpoint import load_adapter, read_adapter_checkpoint
 from ppd.models.factory import build_personalized_stage_c, latent_shape, load_caption_encoder, load_decoder
 from ppd.sample import generate_images

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ppd.config import ATTRIBUTES
 from ppd.data.toyworld import HiddenRewards, load_hidden_rewards, measure_attributes
@@ -16,13 +14,6 @@ from ppd.data.toyworld import HiddenRewards, load_hidden_rewards, measure_attrib
 def to_uint8_images(images: torch.Tensor) -> np.ndarray:
     """Images [B, 3, H, W] in [0, 1] -> uint8 [B, H, W, 3] (what the toy world's attribute measures read)."""
     return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    """uint8 [H, W, 3] -> PNG bytes."""
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 class ToyRewards:

@@ -9,16 +9,15 @@ The cache is per replica (LRU, `serve.embedding_cache_size` entries).
 from __future__ import annotations
 
 import hashlib
-import io
 import threading
 from dataclasses import dataclass
 
 import numpy as np
 from cachetools import LRUCache
-from PIL import Image
 from ray import serve
 
 from ppd.config import PPDConfig
+from ppd.data.images import png_bytes
 from ppd.embed import load_embedder
 from ppd.embed.groups import FewShotGroup
 
@@ -109,9 +108,7 @@ class UserEmbedder:
 
 def _warmup_pairs(shots: int) -> list[Pair]:
     def png(value: int) -> bytes:
-        buffer = io.BytesIO()
-        Image.new("RGB", (16, 16), (value, value, value)).save(buffer, format="PNG")
-        return buffer.getvalue()
+        return png_bytes(np.full((16, 16, 3), value, dtype=np.uint8))
 
     return [("a picture of a red circle", png(40 * i), png(255 - 40 * i), i % 2) for i in range(shots)]
 

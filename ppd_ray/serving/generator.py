@@ -21,8 +21,8 @@ import torch
 from ray import serve
 
 from ppd.config import PPDConfig
+from ppd.data.images import png_bytes
 from ppd.eval.generate import VariantGenerator
-from ppd.eval.rewards import png_bytes
 from ppd.models.checkpoint import AdapterCheckpointMeta, read_adapter_checkpoint
 from ppd.sample import mix_user_embeddings
 

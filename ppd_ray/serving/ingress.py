@@ -15,6 +15,7 @@ import os
 import secrets
 from typing import Any
 
+import tenacity
 from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -50,6 +51,8 @@ from ppd_ray.serving.schemas import (
 from ppd_ray.serving.web import ASSETS, ExamplePairs, WebPage
 
 logger = logging.getLogger("ray.serve")
+# A replica that died or is being replaced: the same call on another (or the restarted) replica may succeed.
+REPLICA_FAILURES = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
 DEFAULT_MAX_BODY_BYTES = 2 * 2**20
 _ERRORS = {
     401: {"model": ErrorResponse, "description": "missing or wrong bearer token"},
@@ -249,18 +252,25 @@ class Ingress:
 
     async def _call(self, method: Any, *args: Any, retries: int = 1) -> Any:
         """`await method.remote(*args)` with the deadline; a dead replica is retried (generation is seeded)."""
-        for attempt in range(retries + 1):
-            try:
-                return await asyncio.wait_for(method.remote(*args), self.timeout_s)
-            except TimeoutError:
-                raise ServiceError(504, f"no answer within {self.timeout_s:g} s; retry later") from None
-            except BackPressureError:
-                raise ServiceError(503, "the server is at capacity; retry later") from None
-            except (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError) as err:
-                if attempt == retries:
-                    raise ServiceError(503, "a model replica is restarting; retry shortly") from None
-                logger.warning("retrying after a replica failure: %s", type(err).__name__)
-                await asyncio.sleep(0.2 * (attempt + 1))
+        retrying = tenacity.AsyncRetrying(
+            retry=tenacity.retry_if_exception_type(REPLICA_FAILURES),
+            stop=tenacity.stop_after_attempt(retries + 1),
+            wait=tenacity.wait_incrementing(start=0.2, increment=0.2),  # 0.2 s, 0.4 s, ...: Serve starts a new one
+            before_sleep=lambda state: logger.warning(
+                "retrying after a replica failure: %s", type(state.outcome.exception()).__name__
+            ),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    return await asyncio.wait_for(method.remote(*args), self.timeout_s)
+        except TimeoutError:
+            raise ServiceError(504, f"no answer within {self.timeout_s:g} s; retry later") from None
+        except BackPressureError:
+            raise ServiceError(503, "the server is at capacity; retry later") from None
+        except REPLICA_FAILURES:
+            raise ServiceError(503, "a model replica is restarting; retry shortly") from None
 
     async def _ensure_compatible(self) -> None:
         """Once per replica: the embedder's [L, d] must be what the adapter reads (a misconfiguration, not a 4xx)."""
