@@ -98,12 +98,17 @@ class JobSequence:
         )
         self.adapters[variant] = str(run_dir / "adapter")
 
+    def output_dirs(self) -> list[Path]:
+        """Every folder a job of this sequence writes (its `--out`), in job order."""
+        return [Path(stage.argv[stage.argv.index("--out") + 1]) for stage in self.stages if "--out" in stage.argv]
+
 
 def one_reward_user_ids(world: Path) -> dict[str, int]:
     """Reward attribute -> the id of the synthetic user who holds only that reward."""
     return {k: int(v) for k, v in json.loads((world / "manifest.json").read_text())["one_reward_users"].items()}
 
 
+TIMINGS_FILE = "timings.json"  # seconds per finished stage (a resumed run adds the kept stages' time)
 BETA_CHOICE = "beta_sweep.json"  # <out>/results/beta_sweep.json, written by `ppd sweep beta`
 
 
@@ -233,6 +238,25 @@ def demo_jobs(
     return jobs
 
 
+def clear_earlier_outputs(jobs: JobSequence) -> list[Path]:
+    """A fresh run starts from nothing an earlier run in the same workdir left: jobs would otherwise find its outputs
+    (a training job refuses a folder holding another config's checkpoints; the embedding job would keep its rows).
+    The MLflow store stays: earlier runs remain there to compare with. Returns what was removed."""
+    stale = [path for path in jobs.output_dirs() if path.exists()]
+    stale += [path for path in (jobs.workdir / TIMINGS_FILE,) if path.exists()]
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    if stale:
+        logger.info(
+            f"fresh run: removed {len(stale)} output(s) of an earlier run in {jobs.workdir} (MLflow runs kept; "
+            "`--resume` keeps finished stages instead)"
+        )
+    return stale
+
+
 def write_results(results: dict, out_dir: Path, command: str) -> tuple[Path, Path]:
     """results/seed<S>.json, then RESULTS.md from every seed's file in `out_dir` (seeds side by side); the figures are
     copied beside them (results_figures/seed<S>/) so the Markdown links resolve."""
@@ -297,6 +321,8 @@ def run_demo(
         else f"β of the preset ({cfg.train.beta:g}): no `ppd sweep beta` choice for preset {cfg.preset} in {out_dir}"
     )
     jobs = demo_jobs(cfg, workdir, overrides, seed, world, betas)
+    if not resume:
+        clear_earlier_outputs(jobs)
     (workdir / "adapters.json").write_text(json.dumps(jobs.adapters, indent=1) + "\n")
     (workdir / "jobs.sh").write_text(
         "# The demo's jobs; each line can be run with `ray job submit --address ... --working-dir . -- <line>`\n"
@@ -306,7 +332,7 @@ def run_demo(
     logger.info(f"{len(jobs.stages)} jobs planned (commands in {workdir / 'jobs.sh'})")
     # Seconds per finished stage, so that a resumed run still reports the whole run's time (an upper bound when
     # the kept stages had run side by side: their seconds add up, their wall time overlapped).
-    timings_path = workdir / "timings.json"
+    timings_path = workdir / TIMINGS_FILE
     timings: dict[str, float] = json.loads(timings_path.read_text()) if resume and timings_path.is_file() else {}
     kept_seconds = 0.0
     total = len(jobs.stages)

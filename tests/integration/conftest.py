@@ -1,7 +1,7 @@
 """Stage-2 fixtures shared by the training, tracking and Jobs API tests (module-scoped, as each module had them).
 
 The expensive outputs behind them (precomputed inputs, the baseline run) are cached per session by the plain
-functions in `test_train_inputs`; the fixtures only wire them up and own the session's MLflow server.
+functions in `tests.helpers`; the fixtures only wire them up and own the session's MLflow server.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from ppd_ray.infra.mlflow_server import start_mlflow_server
-from tests.integration.test_train_inputs import Stage2Inputs, baseline_run, mlflow_store, stage2_inputs
+from tests.helpers import Stage2Inputs, baseline_run, mlflow_store, stage2_inputs
 
 
 @pytest.fixture(scope="module")

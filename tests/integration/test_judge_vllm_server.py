@@ -16,14 +16,13 @@ import httpx
 import numpy as np
 import pytest
 
-from ppd.config import smoke
 from ppd.embed.vllm_backend import vllm_available, vllm_model_dir
 from ppd.embed.vlm import tiny_vlm_dir
 from ppd.eval.judge import JudgeQuery, Verdict, consistent_verdict, openai_judge
 from ppd.eval.judge_eval import evaluate_judge, judge_queries, judge_server_command, write_judge_chat_template
 from ppd.eval.report import render_results_markdown
 from ppd_ray.infra.processes import free_port, http_ok, start_process, wait_until
-from tests.unit.test_judge_eval import prepare_locally
+from tests.helpers import prepared_population
 
 VLLM_OK, VLLM_REASON = vllm_available()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not VLLM_OK, reason=VLLM_REASON or "vllm available")]
@@ -60,8 +59,8 @@ def judge_server(tmp_path_factory) -> Iterator[dict]:
 
 
 @pytest.fixture(scope="module")
-def queries(toy_world, tmp_path_factory) -> tuple[list[JudgeQuery], list[int]]:
-    prepared = prepare_locally(toy_world / "pairs" / "population", tmp_path_factory.mktemp("prepared"), smoke().data)
+def queries(ray_local, toy_world, tmp_path_factory, smoke_config) -> tuple[list[JudgeQuery], list[int]]:
+    prepared = prepared_population(tmp_path_factory, toy_world, smoke_config)
     return judge_queries(prepared, "test_seen", count=3, seed=0)
 
 

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from ppd.models.checkpoint import read_adapter_checkpoint
 from ppd.train.data import PrecomputedManifest
 from ppd_ray.cli.main import app
-from tests.integration.test_train_inputs import (
+from tests.helpers import (
     BASELINE_OVERRIDES,
     baseline_config,
 )

@@ -4,10 +4,8 @@ the embedding cache, interpolation, batching across users, and the reduced load/
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
 import json
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,12 +18,9 @@ from ppd.models.factory import latent_shape
 from ppd.models.stage_c import TOY_CODEC_FACTOR
 from ppd_ray.infra.processes import free_port
 from ppd_ray.serving.ingress import auth_token
+from tests.helpers import serve_load_script
 
-ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("serve_load", ROOT / "scripts" / "serve_load.py")
-serve_load = importlib.util.module_from_spec(_spec)
-sys.modules["serve_load"] = serve_load  # dataclasses look their module up while the file executes
-_spec.loader.exec_module(serve_load)
+serve_load = serve_load_script()
 
 CAPTION = "a picture of a teal ring"
 TOKEN = "test-token-0123456789"

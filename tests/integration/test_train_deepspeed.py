@@ -16,7 +16,7 @@ from ppd.models.factory import build_personalized_stage_c
 from ppd.train.data import PrecomputedInputs
 from ppd_ray.jobs.train import run as train
 from ppd_ray.jobs.train_worker import TRAIN_STATE_FILE
-from tests.integration.test_train_inputs import (
+from tests.helpers import (
     EMBEDDING_SHAPE,
     baseline_config,
 )

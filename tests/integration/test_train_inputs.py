@@ -1,15 +1,9 @@
-"""The precompute job on the smoke toy world, and the inputs every Stage-2 test shares.
-
-`stage2_inputs` and `baseline_run` are plain functions (not fixtures) that cache their outputs under the session's
-base temp directory, so that the train, MLflow and multi-node test modules build them once per session.
-"""
+"""The precompute job on the smoke toy world: the rows every Stage-2 test trains on (built by
+`tests.helpers.stage2_inputs`)."""
 
 from __future__ import annotations
 
 import io
-import json
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -18,98 +12,9 @@ import torch.nn.functional as F
 from PIL import Image
 from typer.testing import CliRunner
 
-from ppd.config import PPDConfig
 from ppd.models.factory import latent_shape
 from ppd.train.data import PrecomputedInputs, PrecomputedManifest
-
-EMBEDDING_SHAPE = (4, 16)  # [L, d] of the test embeddings
-
-
-def group_embedding(group_id: int) -> np.ndarray:
-    """The deterministic stand-in for a Stage-1 embedding of a group: test input, not a model output."""
-    return np.random.default_rng([7, group_id]).standard_normal(EMBEDDING_SHAPE).astype(np.float32)
-
-
-def write_test_embeddings(prepared: Path, out: Path) -> Path:
-    """One embedding per few-shot group of `prepared`, in the Stage-1 store format (ppd.embed.store)."""
-    from ppd.embed.base import EmbeddingRow
-    from ppd.embed.store import rows_to_table
-
-    groups = pq.read_table(prepared / "groups", columns=["group_id", "user_id", "pair_ids"]).to_pylist()
-    rows = [
-        EmbeddingRow(
-            user_id=group["user_id"],
-            group_id=group["group_id"],
-            pair_ids=group["pair_ids"],
-            embedding=group_embedding(group["group_id"]),
-            model_id="test-random",
-            prompt_hash="none",
-        )
-        for group in groups
-    ]
-    out.mkdir(parents=True, exist_ok=True)
-    pq.write_table(rows_to_table(rows), out / "part-test.parquet")
-    return out
-
-
-@dataclass(frozen=True)
-class Stage2Inputs:
-    prepared: Path
-    embeddings: Path
-    precomputed: Path
-
-
-def stage2_inputs(tmp_path_factory, toy_world: Path, cfg: PPDConfig) -> Stage2Inputs:
-    """Prepared smoke toy world + test embeddings + the precompute job's output (built once per session)."""
-    from ppd_ray.jobs.precompute import run as precompute
-    from ppd_ray.jobs.prepare import run as prepare
-
-    root = tmp_path_factory.getbasetemp() / "stage2"
-    inputs = Stage2Inputs(root / "prepared", root / "embeddings", root / "precomputed")
-    if not (inputs.precomputed / "manifest.json").exists():
-        prepare(cfg, toy_world / "pairs" / "population", inputs.prepared)
-        write_test_embeddings(inputs.prepared, inputs.embeddings)
-        precompute(cfg, inputs.prepared, inputs.embeddings, inputs.precomputed)
-    return inputs
-
-
-# The run every training test compares against: 2 workers x micro-batch 8 x accumulation 2 = 32 pairs per step,
-# 18 steps (past the end of the first epoch of 14 steps), checkpoints at 6, 12, 18.
-BASELINE_OVERRIDES = [
-    "train.num_workers=2",
-    "train.cpus_per_worker=0.5",
-    "train.micro_batch=8",
-    "train.effective_batch=32",
-    "train.max_steps=18",
-    "train.checkpoint_every=6",
-    "train.max_failures=0",
-    "eval.inference_steps=3",
-    "tracking.sample_captions=2",
-    "tracking.sample_users=2",
-]
-
-
-def baseline_config(cfg: PPDConfig, tracking_uri: str, *extra: str) -> PPDConfig:
-    """The baseline run's config (plus `extra` overrides), logging to `tracking_uri`."""
-    return cfg.with_overrides([*BASELINE_OVERRIDES, f"tracking.uri={tracking_uri}", *extra])
-
-
-def baseline_run(tmp_path_factory, cfg: PPDConfig, inputs: Stage2Inputs, tracking_uri: str) -> dict:
-    """The uninterrupted 2-worker ZeRO-2 run (summary.json of its run folder), trained once per session."""
-    from ppd_ray.jobs.train import run as train
-
-    out = tmp_path_factory.getbasetemp() / "stage2" / "baseline"
-    if not (out / "summary.json").exists():
-        train(baseline_config(cfg, tracking_uri), inputs.precomputed, out)
-    return {**json.loads((out / "summary.json").read_text()), "out": out}
-
-
-def mlflow_store(tmp_path_factory) -> Path:
-    """One MLflow store (sqlite + artifacts) per session, served by the session's `tracking` server."""
-    return tmp_path_factory.getbasetemp() / "stage2" / "mlflow"
-
-
-# --- the precompute job ---------------------------------------------------------------------------------------------
+from tests.helpers import EMBEDDING_SHAPE, group_embedding
 
 
 def _decode(png: bytes) -> torch.Tensor:

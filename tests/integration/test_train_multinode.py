@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from ppd_ray.infra.job_client import submit_job, wait_for_job
 from ppd_ray.infra.local_cluster import local_head
 from ppd_ray.infra.processes import wait_until
-from tests.integration.test_train_inputs import BASELINE_OVERRIDES
+from tests.helpers import BASELINE_OVERRIDES
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

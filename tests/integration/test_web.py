@@ -28,8 +28,7 @@ from PIL import Image
 
 from ppd.config import load_config
 from ppd_ray.infra.processes import free_port, http_ok, start_process, wait_until
-from tests.helpers import solid_png
-from tests.integration.test_serve import serve_load
+from tests.helpers import serve_load_script, solid_png
 
 pytestmark = pytest.mark.slow
 
@@ -75,7 +74,7 @@ def server(tmp_path_factory):
     work = tmp_path_factory.mktemp("web")
     # On the toy base `ppd demo` trains on, so the page shows toy-world pictures; random adapter weights stand in
     # for a trained adapter (training one would take minutes), enough to make every user's images their own.
-    adapter = serve_load.random_adapter(load_config("tiny_cpu"), work / "adapter", base_model=TOY_BASE)
+    adapter = serve_load_script().random_adapter(load_config("tiny_cpu"), work / "adapter", base_model=TOY_BASE)
     examples = work / "examples" / "validation"  # written later by the prepare job (see the module docstring)
     port = free_port()
     command = [

@@ -138,8 +138,7 @@ def test_training_resources_add_up_to_the_effective_batch(preset: str) -> None:
     assert train.use_gpu and train.precision == "bf16" and train.zero_stage == 2
     # workers x GPUs per worker x micro-batch x accumulation = effective batch (768 pairs, paper).
     assert train.num_workers * 1 * train.micro_batch * train.grad_accumulation == train.effective_batch == 768
-    # The paper's micro-batch on the lite model; the 3.6B halves it (and doubles accumulation) to fit 80 GB.
-    assert train.micro_batch == (16 if preset.startswith("stage_c_lite") else 8)
+    # one training worker per GPU the preset's name promises (whether the micro-batch fits a GPU: `ppd check-real`)
     assert train.num_workers == (16 if preset.endswith("x16") else 8)
 
 
@@ -171,12 +170,11 @@ def test_the_cluster_has_a_gpu_per_training_worker_and_whole_nodes(preset: str) 
 def test_embedding_job_fits_the_cluster() -> None:
     preset = shlex.split(_job("embed")["spec"]["entrypoint"])[4]
     embed = load_config(preset).embed
-    assert embed.concurrency == 16  # one actor per GPU of the 2 x 8 cluster
     assert embed.embedder == "vlm-vllm" and "llava-onevision" in (embed.vlm_path or "")
     assert embed.dtype == "bfloat16" and embed.layers == "all"
     workers = _one(CLUSTER / "raycluster.yaml", "RayCluster")["spec"]["workerGroupSpecs"]
     gpus = sum(group["replicas"] * _gpus(group["template"]["spec"]["containers"][0]) for group in workers)
-    assert embed.concurrency * embed.gpus_per_actor <= gpus
+    assert embed.concurrency * embed.gpus_per_actor == gpus  # one actor per GPU of the cluster: none idle, none short
 
 
 def test_rayservice_has_gpus_for_every_replica_of_its_preset() -> None:

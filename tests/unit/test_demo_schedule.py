@@ -12,7 +12,7 @@ import pytest
 
 from ppd.config import ATTRIBUTES, ConfigError, smoke, tiny_cpu
 from ppd_ray.console import JobError
-from ppd_ray.pipelines.demo import _waves, demo_jobs, run_concurrently
+from ppd_ray.pipelines.demo import _waves, clear_earlier_outputs, demo_jobs, run_concurrently
 from tests.helpers import one_reward_world
 
 
@@ -83,3 +83,23 @@ def test_a_failure_is_raised_and_what_has_not_started_never_starts():
     release.set()
     time.sleep(0.1)
     assert sorted(started) == [0, 1]  # items 2..5 were cancelled before they started
+
+
+def test_a_fresh_run_removes_what_an_earlier_run_left_in_its_workdir_but_keeps_mlflow(tmp_path):
+    """A rerun of `ppd demo` after a config change: the old training folders would be refused, old embeddings kept."""
+    work = tmp_path / "work"
+    work.mkdir()
+    world = one_reward_world(work)  # the demo's own toy world folder: written before the jobs, never removed here
+    jobs = demo_jobs(tiny_cpu(), work, [], 0, world)
+    earlier = [work / "runs" / "ppd" / "ray" / "checkpoint", work / "embeddings" / "one_reward" / "part-0.parquet"]
+    earlier += [work / "eval" / "results.json", work / "mlflow" / "mlflow.db", work / "timings.json"]
+    for path in earlier:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("from an earlier run")
+    removed = clear_earlier_outputs(jobs)
+    assert not (work / "runs" / "ppd").exists() and not (work / "embeddings" / "one_reward").exists()
+    assert not (work / "eval").exists() and not (work / "timings.json").exists()
+    assert (work / "mlflow" / "mlflow.db").read_text() == "from an earlier run"  # runs to compare with stay
+    assert (world / "manifest.json").is_file()
+    assert all(path.is_relative_to(work) for path in removed)
+    assert clear_earlier_outputs(jobs) == []  # nothing left to remove

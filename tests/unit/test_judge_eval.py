@@ -14,9 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ppd.config import DataConfig, smoke
-from ppd.data.prepare import SPLITS, assign_splits, preferred_index, row_rejections
-from ppd.data.schema import conform
+from ppd.config import smoke
 from ppd.eval.evaluate import read_split
 from ppd.eval.judge import JudgeQuery, parse_answer
 from ppd.eval.judge_eval import (
@@ -27,54 +25,13 @@ from ppd.eval.judge_eval import (
     make_judge,
 )
 from ppd.eval.report import render_results_markdown
-
-
-def prepare_locally(pairs: Path, out: Path, cfg: DataConfig) -> Path:
-    """The preparation job's output format (`<split>/*.parquet`, `groups/*.parquet`) without Ray, for small tests."""
-    table = pa.concat_tables([conform(pq.read_table(f)) for f in sorted(Path(pairs).rglob("*.parquet"))])
-    meta = pd.DataFrame(
-        {
-            "pair_id": np.arange(table.num_rows),
-            "user_id": table.column("user_id").to_numpy(),
-            "caption": table.column("caption").to_pylist(),
-            "reason": row_rejections(table, check_images=False),
-        }
-    )
-    assignment = assign_splits(meta, cfg)
-    label_0 = table.column("label_0").to_numpy(zero_copy_only=False)
-    annotated = table.append_column("pair_id", pa.array(assignment.rows["pair_id"].to_numpy()))
-    for column in ("split", "context_group_id", "condition_group_id"):
-        annotated = annotated.append_column(column, pa.Array.from_pandas(assignment.rows[column]))
-    annotated = annotated.append_column("preferred", pa.array(preferred_index(label_0)))
-    for split in SPLITS:
-        rows = annotated.filter(pa.compute.equal(annotated.column("split"), split))
-        (out / split).mkdir(parents=True, exist_ok=True)
-        if rows.num_rows:
-            pq.write_table(rows, out / split / "part-00000.parquet")
-    by_pair = annotated.to_pandas().set_index("pair_id")
-    groups = []
-    for group in assignment.groups.itertuples(index=False):
-        members = by_pair.loc[list(group.pair_ids)]
-        groups.append(
-            {
-                "group_id": int(group.group_id),
-                "user_id": int(group.user_id),
-                "pool": group.pool,
-                "pair_ids": [int(p) for p in group.pair_ids],
-                "captions": list(members["caption"]),
-                "jpg_0": list(members["jpg_0"]),
-                "jpg_1": list(members["jpg_1"]),
-                "preferred": [int(p) for p in members["preferred"]],
-            }
-        )
-    (out / "groups").mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(groups), out / "groups" / "part-00000.parquet")
-    return out
+from tests.helpers import prepared_population
 
 
 @pytest.fixture(scope="module")
-def prepared(toy_world, tmp_path_factory) -> Path:
-    return prepare_locally(toy_world / "pairs" / "population", tmp_path_factory.mktemp("prepared"), smoke().data)
+def prepared(ray_local, toy_world, tmp_path_factory, smoke_config) -> Path:
+    """The prepare job's real output for the smoke toy world (shared with the Stage-2 tests: built once)."""
+    return prepared_population(tmp_path_factory, toy_world, smoke_config)
 
 
 def _split_rows(prepared: Path, split: str) -> pd.DataFrame:

@@ -129,7 +129,7 @@ def _embeddings() -> dict[tuple[int, int], np.ndarray]:
     }
 
 
-def test_plan_joins_each_pair_to_its_condition_group_and_counts_what_it_leaves_out() -> None:
+def test_join_puts_each_pair_with_its_condition_group_and_counts_what_it_leaves_out() -> None:
     captions = caption_index(_pairs()["caption"])
     assert captions == {"a": 0, "b": 1, "c": 2}
     joined, index, skipped = join_training_rows(_pairs(), _embeddings(), captions, order_seed=0)
@@ -151,7 +151,7 @@ def test_plan_joins_each_pair_to_its_condition_group_and_counts_what_it_leaves_o
         assert index.table.loc[pair.embedding_index, "user_id"] == pair.user_id
 
 
-def test_plan_order_is_a_seeded_permutation() -> None:
+def test_joined_row_order_is_a_seeded_permutation() -> None:
     captions = caption_index(_pairs()["caption"])
     first, _, _ = join_training_rows(_pairs(), _embeddings(), captions, order_seed=3)
     again, _, _ = join_training_rows(_pairs().sample(frac=1, random_state=1), _embeddings(), captions, order_seed=3)
@@ -163,7 +163,7 @@ def test_plan_order_is_a_seeded_permutation() -> None:
     assert len(orders) > 1
 
 
-def test_plan_refuses_embeddings_of_another_users_group() -> None:
+def test_join_refuses_embeddings_of_another_users_group() -> None:
     wrong = {**_embeddings(), (99, 21): np.zeros((2, 3), np.float32)}  # group 21 belongs to user 11 in the pairs
     with pytest.raises(ValueError, match="another preparation"):
         join_training_rows(_pairs(), wrong, caption_index(_pairs()["caption"]), order_seed=0)

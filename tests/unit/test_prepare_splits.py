@@ -41,7 +41,7 @@ def preference_tables(draw):
 
 @settings(max_examples=150, deadline=None)
 @given(preference_tables())
-def test_plan_properties(case):
+def test_split_assignment_properties(case):
     meta, cfg = case
     assignment = assign_splits(meta, cfg)
     rows = assignment.rows.merge(meta[["pair_id", "user_id", "caption"]], on="pair_id")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -10,10 +11,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
 from ppd.config import load_config
-from ppd.models.factory import build_meta_personalized_stage_c, latent_shape, parameter_report
+from ppd.models.factory import build_meta_personalized_stage_c, latent_shape
 from ppd.models.stage_c import attention_blocks
 from ppd.models.text import CLIP_MAX_LENGTH
-from ppd.train.sizing import H100, measure_training_step, size_training, zero_memory_per_gpu
+from ppd.train.sizing import H100, PAPER_EPOCH_SECONDS, measure_training_step, size_training, zero_memory_per_gpu
 from ppd_ray.cli.main import app
 
 TINY_EMBEDDING = (4, 64)
@@ -24,12 +25,14 @@ def tiny_plan():
     return size_training(load_config("tiny_cpu"), TINY_EMBEDDING)
 
 
-def test_plan_parameters_are_the_model_reports(tiny_plan) -> None:
+def test_parameter_counts_are_the_models_own(tiny_plan) -> None:
     cfg = load_config("tiny_cpu")
-    report = parameter_report(build_meta_personalized_stage_c("tiny", TINY_EMBEDDING, cfg.model.user_tokens))
-    assert tiny_plan.parameters["trainable"] == report["trainable"]
-    assert tiny_plan.parameters["total"] == report["base"] + report["trainable"]
-    assert tiny_plan.parameters["w_k_plus_w_v"] == report["w_k"] + report["w_v"]
+    model = build_meta_personalized_stage_c("tiny", TINY_EMBEDDING, cfg.model.user_tokens)
+    trainable = sum(p.numel() for p in model.trainable_parameters())
+    assert tiny_plan.parameters["trainable"] == trainable
+    assert tiny_plan.parameters["total"] == sum(p.numel() for p in model.parameters())
+    adapter_kv = [p for name, p in model.adapter.named_parameters() if name.endswith(("to_k.weight", "to_v.weight"))]
+    assert adapter_kv and tiny_plan.parameters["w_k_plus_w_v"] == sum(p.numel() for p in adapter_kv)
 
 
 def test_adapter_flops_match_a_hand_count() -> None:
@@ -99,14 +102,15 @@ def test_zero2_shards_gradients_and_optimizer_state_but_not_the_frozen_base() ->
     assert stage1.adapter_gradients_bytes == 160
 
 
-def test_epoch_projection_is_pairs_times_flops_over_cluster_throughput(tiny_plan) -> None:
-    epoch = tiny_plan.to_dict()["epoch"]
-    for row in epoch["projections"]:
-        expected = tiny_plan.pairs * tiny_plan.flops_per_pair / (tiny_plan.gpus * H100.peak_flops * row["mfu"])
-        assert row["seconds"] == pytest.approx(expected, abs=0.1)
-    flops = tiny_plan.to_dict()["flops"]
-    parts = flops["policy_forward_per_pair"] + flops["policy_backward_per_pair"] + flops["reference_forward_per_pair"]
-    assert flops["per_pair"] == parts
+def test_epoch_projection_scales_with_gpus_and_mfu_and_meets_the_papers_time_at_its_implied_mfu(tiny_plan) -> None:
+    twice_the_gpus = dataclasses.replace(tiny_plan, gpus=2 * tiny_plan.gpus)
+    for mfu in (0.2, 0.4):
+        assert twice_the_gpus.epoch_seconds(mfu) == pytest.approx(tiny_plan.epoch_seconds(mfu) / 2)
+    assert tiny_plan.epoch_seconds(0.2) == pytest.approx(2 * tiny_plan.epoch_seconds(0.4))
+    assert tiny_plan.epoch_seconds(tiny_plan.paper_implied_mfu) == pytest.approx(PAPER_EPOCH_SECONDS)
+    projections = tiny_plan.to_dict()["epoch"]["projections"]
+    assert [row["mfu"] for row in projections] == list(tiny_plan.mfu_levels)
+    assert all(row["seconds"] == pytest.approx(tiny_plan.epoch_seconds(row["mfu"]), abs=0.1) for row in projections)
 
 
 def test_lite_stage_c_plan_matches_the_paper_and_design_figures() -> None:
