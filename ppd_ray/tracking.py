@@ -23,14 +23,29 @@ logger = logging.getLogger(__name__)
 _PARAMS_PER_BATCH = 100
 
 
+def _experiment_id(client, name: str) -> str:
+    """The experiment's id, created if missing. Jobs that start together (the demo's concurrent training runs) may
+    both find it missing: the second create fails with RESOURCE_ALREADY_EXISTS, and the first one's is used."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
+
+
 def open_run(uri: str, experiment: str, run_name: str, tags: dict[str, str], resume_run_id: str | None = None) -> str:
     """The id of a RUNNING run in `experiment`: `resume_run_id` when it exists there (a restarted job), else a new one."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     client = MlflowClient(tracking_uri=uri)
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    experiment_id = _experiment_id(client, experiment)
     if resume_run_id:
         try:
             run = client.get_run(resume_run_id)
