@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ppd_ray.infra.job_client import JobOutcome, jobs_client, submit_and_wait
-from ppd_ray.infra.processes import LocalProcess, free_ports, start_process, wait_until
+from ppd_ray.infra.processes import LocalProcess, free_ports, path_with_interpreter_bin, start_process, wait_until
 from ppd_ray.infra.ray_auth import new_token_file, token_env
 
 logger = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ def _start_ray(arguments: list[str], log_path: Path, num_cpus: float, token_path
     ray_cli = Path(sys.executable).with_name("ray")
     # The interpreter's bin/ first on PATH: entrypoints say `python -m ppd_ray.jobs.<job>` (as documented for
     # `ray job submit`) and must get this environment's python even when the virtualenv was never activated.
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    path = path_with_interpreter_bin()
     inherited = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN"}  # would win over the cluster's file
     env = {**inherited, **token_env(token_path), "RAY_USAGE_STATS_ENABLED": "0", "PATH": path}
     memory = ["--object-store-memory", str(OBJECT_STORE_BYTES)]

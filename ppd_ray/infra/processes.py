@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from operator import not_
@@ -17,6 +18,14 @@ from pathlib import Path
 import tenacity
 
 from ppd_ray.console import JobError
+
+
+def path_with_interpreter_bin(path: str | None = None) -> str:
+    """`path` (default: this process's PATH) with this interpreter's bin/ first, once: what the environment installed
+    (`python`, `ray`, pip's `ninja`) wins over the system's even when the virtualenv was never activated."""
+    env_bin = str(Path(sys.executable).parent)
+    rest = [entry for entry in (os.environ.get("PATH", "") if path is None else path).split(os.pathsep) if entry]
+    return os.pathsep.join([env_bin, *(entry for entry in rest if entry != env_bin)])
 
 
 def free_ports(count: int) -> list[int]:

@@ -14,8 +14,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -30,6 +28,7 @@ from ppd.train.data import PrecomputedInputs, TrainingSchedule, micro_batch_gene
 from ppd.train.distributed import StepMetrics, deepspeed_config
 from ppd.train.step import training_step
 from ppd_ray.console import setup_logging
+from ppd_ray.infra.processes import path_with_interpreter_bin
 from ppd_ray.tracking import RunLogger
 
 logger = logging.getLogger(__name__)
@@ -39,18 +38,6 @@ ADAPTER_DIR = "adapter"
 # DeepSpeed JIT-builds an op on first use (~1 min); a persistent cache makes later starts take seconds. `make` points
 # TORCH_EXTENSIONS_DIR at the clone's .cache/ (forwarded to every job); without it, the job's own copy of the repo.
 DEFAULT_TORCH_EXTENSIONS_DIR = Path(__file__).resolve().parents[2] / ".cache" / "torch_extensions"
-
-
-def use_environments_ninja() -> None:
-    """Put this Python environment's `ninja` (pip's, a DeepSpeed dependency) first on PATH for the op build.
-
-    torch builds the op with whichever `ninja` PATH finds first, and ninja versions hash the build command into
-    `.ninja_log` differently (Debian's 1.11 and pip's 1.13 do): when some processes find a system ninja and others
-    the environment's, each switch rebuilds the op from scratch (~1 min of two cores) although nothing changed.
-    """
-    env_bin = str(Path(sys.executable).parent)
-    if shutil.which("ninja", path=env_bin) and os.environ.get("PATH", "").split(os.pathsep)[0] != env_bin:
-        os.environ["PATH"] = env_bin + os.pathsep + os.environ.get("PATH", "")
 
 
 @dataclass(frozen=True)
@@ -72,7 +59,10 @@ class WorkerJob:
 def train_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train worker loop (runs on every rank)."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(DEFAULT_TORCH_EXTENSIONS_DIR))
-    use_environments_ninja()
+    # DeepSpeed's op build runs whichever `ninja` PATH finds first, and ninja versions hash the build command into
+    # `.ninja_log` differently (Debian's 1.11, pip's 1.13): workers that find a different one than the last build
+    # rebuild the op from scratch (~1 min of two cores). Always the environment's (pip's, a DeepSpeed dependency).
+    os.environ["PATH"] = path_with_interpreter_bin()
     setup_logging()  # a Train worker is a process of its own: rank 0's progress lines need the handler too
     import deepspeed
     import ray.train

@@ -242,8 +242,7 @@ def clear_earlier_outputs(jobs: JobSequence) -> list[Path]:
     """A fresh run starts from nothing an earlier run in the same workdir left: jobs would otherwise find its outputs
     (a training job refuses a folder holding another config's checkpoints; the embedding job would keep its rows).
     The MLflow store stays: earlier runs remain there to compare with. Returns what was removed."""
-    stale = [path for path in jobs.output_dirs() if path.exists()]
-    stale += [path for path in (jobs.workdir / TIMINGS_FILE,) if path.exists()]
+    stale = [path for path in (*jobs.output_dirs(), jobs.workdir / TIMINGS_FILE) if path.exists()]
     for path in stale:
         if path.is_dir():
             shutil.rmtree(path)
