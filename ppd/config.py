@@ -511,7 +511,8 @@ def tiny_cpu() -> PPDConfig:
             # A 0.5-CPU worker computes on one thread: two runs at once use both cores (each run stays deterministic).
             concurrent_runs=2,
         ),
-        eval=EvalConfig(inference_steps=20),
+        # Two generator actors of one thread each use both cores (one actor used one: the evaluation took 9 min).
+        eval=EvalConfig(inference_steps=20, concurrency=2),
     )
 
 
@@ -541,6 +542,7 @@ def smoke() -> PPDConfig:
             "eval.bootstrap_samples=200",
             "eval.seeds_per_caption=1",
             "eval.inference_steps=4",
+            "eval.concurrency=1",  # a few images: a second actor would spend longer loading the models
         ]
     )
 

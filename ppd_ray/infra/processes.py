@@ -69,7 +69,7 @@ class LocalProcess:
         self.process.wait(timeout=30)
 
     def stop(self, timeout_s: float = 30) -> None:
-        """SIGTERM to the leader (it shuts its own children down: `ray start` drains its node), then SIGKILL to
+        """SIGTERM to the leader (it shuts its own children down, as `ray start` does), then SIGKILL to
         whatever is left of the group."""
         if self.running:
             self.process.terminate()

@@ -14,6 +14,8 @@ from ppd.config import PRESETS, ConfigError, PPDConfig, load_config
 from ppd.errors import InputDataError
 from ppd_ray.console import JobError, setup_logging
 
+logger = logging.getLogger(__name__)
+
 
 def job_arg_parser(module: str, prog: str | None = None, configured: bool = True) -> argparse.ArgumentParser:
     """The job's own argument parser (`ppd <job>` runs it too, as `prog`), described by the job's docstring; with
@@ -105,13 +107,20 @@ def generate_images(cfg: PPDConfig, requests: list[dict], adapters: dict[str, st
     from ppd.eval.generate import GenerationStage
 
     init_ray()
+    actors = cfg.eval.concurrency
+    if not cfg.eval.gpus_per_actor:
+        # A CPU actor takes one CPU: more actors than the cluster has CPUs would wait for ever for the rest.
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        if actors > cpus:
+            logger.info(f"eval.concurrency={actors}: this cluster has {cpus} CPU(s), generating on {cpus} actor(s)")
+            actors = max(cpus, 1)
     generated = (
         ray.data.from_items(requests)
         .map_batches(
             GenerationStage,
             batch_size=cfg.eval.batch_size,
             batch_format="pandas",
-            compute=ray.data.ActorPoolStrategy(size=cfg.eval.concurrency),
+            compute=ray.data.ActorPoolStrategy(size=actors),
             num_gpus=cfg.eval.gpus_per_actor or None,
             fn_constructor_kwargs={"config": cfg.to_dict(), "adapters": adapters},
         )
