@@ -166,9 +166,10 @@ def _start_ray(arguments: list[str], log_path: Path, num_cpus: float, token_path
     inherited = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN"}  # would win over the cluster's file
     env = {**inherited, **token_env(token_path), "RAY_USAGE_STATS_ENABLED": "0", "PATH": path}
     # Ray 2.60's `ray start --block` answers SIGTERM by draining its node for up to 30 s (meant for Serve replicas
-    # on Kubernetes pods, where other nodes' proxies still route to it) before stopping anything; measured here: every
-    # stop of a node that had run a job took 30 s, where 0 stops it in 2 s. Nothing outlives a local cluster's stop.
-    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
+    # on Kubernetes pods, where other nodes' proxies still route to it) before stopping anything: every stop of a
+    # node that had run a job took 30 s, 2 s without (BENCHMARKS.md). Nothing outlives a local cluster's stop; a
+    # drain timeout set in the environment still wins.
+    env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
     memory = ["--object-store-memory", str(OBJECT_STORE_BYTES)]
     started = start_process([str(ray_cli), "start", "--block", *arguments, *memory], log_path, env=env)
     return RayNode(started.process, started.log_path, num_cpus)
