@@ -46,7 +46,7 @@ def main() -> None:
             seconds[drain].append(stop_seconds(drain))
             print(f"round {round_ + 1}: drain {drain} s -> stop {seconds[drain][-1]:.1f} s", flush=True)
     on, off = statistics.median(seconds["30"]), statistics.median(seconds["0"])
-    print("| setting | stop after a job (median of %d) |" % args.rounds)
+    print(f"| setting | stop after a job (median of {args.rounds}) |")
     print("| --- | --- |")
     print(f"| {DRAIN}=30 (Ray's default) | {on:.1f} s |")
     print(f"| {DRAIN}=0 (local_cluster's) | {off:.1f} s |")
