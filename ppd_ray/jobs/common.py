@@ -110,10 +110,10 @@ def generate_images(cfg: PPDConfig, requests: list[dict], adapters: dict[str, st
     actors = cfg.eval.concurrency
     if not cfg.eval.gpus_per_actor:
         # A CPU actor takes one CPU: more actors than the cluster has CPUs would wait for ever for the rest.
-        cpus = int(ray.cluster_resources().get("CPU", 1))
+        cpus = max(int(ray.cluster_resources().get("CPU", 1)), 1)
         if actors > cpus:
             logger.info(f"eval.concurrency={actors}: this cluster has {cpus} CPU(s), generating on {cpus} actor(s)")
-            actors = max(cpus, 1)
+            actors = cpus
     generated = (
         ray.data.from_items(requests)
         .map_batches(
