@@ -3,12 +3,13 @@
 Modules log through `logging.getLogger(__name__)`; `setup_logging()` (called by every entry point, and by Ray actors
 and Train workers, which are processes of their own) gives the `ppd_ray` logger one stderr handler whose lines read
 `[ppd   12.3s] message` (seconds since the process started logging). `ppd demo` forwards exactly these lines (and
-error lines) from the jobs' logs to the terminal: `is_progress_line`.
+error lines) from the jobs' logs to the terminal: `progress_line`.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 ROOT_LOGGER = "ppd_ray"
@@ -53,6 +54,13 @@ def setup_logging(level: int = logging.INFO) -> None:
             logger.addHandler(_StderrHandler())
 
 
-def is_progress_line(line: str) -> bool:
-    """A line of a job's log worth showing in the terminal: our own progress lines, and errors."""
-    return line.startswith(LINE_PREFIX) or "error" in line.lower()
+# Ray prefixes what its worker processes print with the process, coloured: "\x1b[36m(RayTrainWorker pid=3765)\x1b[0m "
+# (a Ray Data actor: "(MapWorker(MapBatches(Generator)) pid=12, ip=10.0.0.2)"). Training progress comes so.
+_RAY_PROCESS_PREFIX = re.compile(r"^(?:\x1b\[[\d;]*m)?\(.*? pid=\d+(?:, ip=[^)]*)?\)(?:\x1b\[[\d;]*m)?\s*")
+
+
+def progress_line(line: str) -> str | None:
+    """The part of a job's log line worth showing in the terminal — our own progress lines (also those of the job's
+    Ray workers, without Ray's process prefix) and errors — or None."""
+    text = _RAY_PROCESS_PREFIX.sub("", line, count=1)
+    return text if text.startswith(LINE_PREFIX) or "error" in text.lower() else None

@@ -36,11 +36,36 @@ class JobOutcome:
     logs: str
 
 
+# Ray's client logs each upload at INFO (one "Ignoring upload to cluster for these files" line per .gitignore it
+# finds, "package already exists", "WebSocket closed"): ~180 lines in a demo's terminal that say nothing to a user.
+RAY_UPLOAD_LOGGERS = (
+    "ray._private.runtime_env.packaging",
+    "ray.dashboard.modules.dashboard_sdk",
+    "ray.dashboard.modules.job.sdk",
+)
+# Ray warns once per process that it now leaves .git/ and .venv/ out of a working_dir; DEFAULT_EXCLUDES does too.
+_DEFAULT_EXCLUDE_NOTICE = "is now ignored by default when packaging"
+
+
+def _drop_default_exclude_notice(record: logging.LogRecord) -> bool:
+    return _DEFAULT_EXCLUDE_NOTICE not in str(record.msg)
+
+
+def quiet_ray_uploads() -> None:
+    """Keep Ray's per-upload INFO chatter out of the terminal; its warnings and errors still show (idempotent)."""
+    for name in RAY_UPLOAD_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    working_dir_logger = logging.getLogger("ray._private.runtime_env.working_dir")
+    if _drop_default_exclude_notice not in working_dir_logger.filters:
+        working_dir_logger.addFilter(_drop_default_exclude_notice)
+
+
 def jobs_client(address: str, token: str | None = None):
     """A Jobs API client sending `token` (None: the user's own token, if any); a refused token is a JobError."""
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
+    quiet_ray_uploads()
     headers = bearer(token) if token is not None else user_token_headers()
     try:
         return JobSubmissionClient(address, headers=headers)  # its version check is the first authenticated call

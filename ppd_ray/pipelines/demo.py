@@ -26,7 +26,7 @@ from ppd.config import PPDConfig
 from ppd.eval.evaluate import POPULATION_VARIANT, upper_bound_variant
 from ppd.eval.report import render_results_markdown, target_checks
 from ppd.train.data import MANIFEST_FILE
-from ppd_ray.console import JobError, is_progress_line
+from ppd_ray.console import JobError, progress_line
 
 logger = logging.getLogger(__name__)
 
@@ -414,8 +414,9 @@ def run_concurrently(items: list, at_once: int, run: Callable[[object], None]) -
 def job_line(line: str, index: int | None = None) -> None:
     """Forward a job's own progress lines (and errors) to the terminal, not Ray's per-task chatter; `index` names the
     stage (jobs running side by side interleave their lines)."""
-    if is_progress_line(line):
-        print(f"   {'' if index is None else f'[{index}] '}| {line}", flush=True)
+    text = progress_line(line)
+    if text is not None:
+        print(f"   {'' if index is None else f'[{index}] '}| {text}", flush=True)
 
 
 def summary_table(results: dict) -> str:

@@ -68,6 +68,11 @@ def test_smoke_demo_runs_every_stage_and_writes_results(tmp_path):
         assert _estimate_ok(results["population"][split]["win_rate_vs_base"])
     assert 0.0 < results["classifier"]["chance16"] <= 1.0 and 0.0 <= results["classifier"]["top16"] <= 1.0
 
+    # What a person sees while it runs: each training run's progress (printed by its Ray Train worker), not Ray's
+    # per-upload chatter.
+    assert re.search(r"\| \[ppd +[\d.]+s\] step 80/80 loss", completed.stdout), completed.stdout[-3000:]
+    assert "Ignoring upload to cluster" not in completed.stdout + completed.stderr
+
     markdown = (out / "RESULTS.md").read_text()
     assert "Do not edit by hand" in markdown and "ppd demo --preset smoke" in markdown
     assert "| seed 0 |" in markdown.replace("| target | goal | seed 0 |", "| seed 0 |")  # the targets table
