@@ -281,8 +281,10 @@ def rerender_results(out_dir: Path, command: str) -> Path:
         raise JobError(f"no {out_dir / RESULTS_DIR}/seed<S>.json: run `ppd demo` first")
     runs = [json.loads(path.read_text()) for path in paths]
     investigation = INVESTIGATION_NOTES.read_text() if INVESTIGATION_NOTES.is_file() else None
+    sweep_path = out_dir / RESULTS_DIR / BETA_CHOICE
+    beta_sweep = json.loads(sweep_path.read_text()) if sweep_path.is_file() else None
     md_path = out_dir / "RESULTS.md"
-    md_path.write_text(render_results_markdown(runs, command, investigation))
+    md_path.write_text(render_results_markdown(runs, command, investigation, beta_sweep))
     return md_path
 
 

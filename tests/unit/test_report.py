@@ -1,0 +1,46 @@
+"""RESULTS.md's time goal and β section: what the demo reports about its own run time and the β it trained with."""
+
+from __future__ import annotations
+
+from ppd.eval.report import render_results_markdown, target_checks
+
+
+def _runtime_check(results: dict):
+    return next((c for c in target_checks(results) if c.name == "demo runtime"), None)
+
+
+def test_the_default_preset_is_held_to_30_minutes_and_a_resumed_run_says_so():
+    assert _runtime_check({"preset": "tiny_cpu", "runtime_s": 1790}).met
+    over = _runtime_check({"preset": "tiny_cpu", "runtime_s": 1830, "resumed": True})
+    assert not over.met and over.value.startswith("30.5 min") and "resumed" in over.value
+    # The smoke and cluster presets have no time goal of their own.
+    assert _runtime_check({"preset": "smoke", "runtime_s": 99999}) is None
+
+
+SWEEP = {
+    "preset": "tiny_cpu",
+    "seed": 0,
+    "split": "validation",
+    "betas": [0.5, 2.0, 8.0],
+    "steps": 400,
+    "scores": {"ppd": {"0.5": 0.91, "2": 1.37, "8": 0.42}, "dpo": {"0.5": 0.33, "2": 0.29, "8": 0.11}},
+    "base_mean_reward": 0.05,
+    "chosen": {"ppd": 2.0, "dpo": 0.5},
+    "mlflow_parent_run": "f00d",
+    "seconds": 1700.0,
+}
+
+
+def test_results_name_each_runs_beta_and_the_sweep_that_chose_it():
+    runs = [
+        {"seed": 0, "preset": "tiny_cpu", "runtime_s": 1700, "beta": {"ppd": 2.0, "dpo": 0.5}, "beta_source": "sweep"},
+        {"seed": 1, "preset": "tiny_cpu", "runtime_s": 1750, "beta": {"ppd": 2.0, "dpo": 2.0}, "beta_source": "preset"},
+    ]
+    text = render_results_markdown(runs, "ppd demo", beta_sweep=SWEEP)
+    assert "| 0 | tiny_cpu | 1700 s | 2 / 0.5 | sweep |" in text
+    assert "| 1 | tiny_cpu | 1750 s | 2 / 2 | preset |" in text
+    # the validation scores, the chosen β per method in bold (PPD's best is β = 2, Diffusion-DPO's β = 0.5)
+    assert "| PPD | 0.910 | **1.370** | 0.420 |" in text
+    assert "| Diffusion-DPO | **0.330** | 0.290 | 0.110 |" in text
+    assert "f00d" in text
+    assert "β chosen on the validation split" not in render_results_markdown(runs, "ppd demo")
