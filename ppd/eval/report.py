@@ -79,7 +79,9 @@ def target_checks(results: dict) -> list[TargetCheck]:
         target = TARGETS["interpolation_spearman"]
         rho = sweep["spearman"]
         checks.append(
-            TargetCheck(f"interpolation Spearman: {attribute}", f"{rho:.2f}", f"≥ {target}", bool(rho >= target))
+            # Over 5 weights ρ takes the values 1 − 6Σd²/120: one adjacent swap is exactly 0.9, which scipy's float
+            # arithmetic returns as 0.8999999999999998.
+            TargetCheck(f"interpolation Spearman: {attribute}", f"{rho:.2f}", f"≥ {target}", bool(rho >= target - 1e-9))
         )
     for split, entry in results.get("population", {}).items():
         target = TARGETS.get(f"population_{split}")

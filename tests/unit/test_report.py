@@ -44,3 +44,18 @@ def test_results_name_each_runs_beta_and_the_sweep_that_chose_it():
     assert "| Diffusion-DPO | **0.330** | 0.290 | 0.110 |" in text
     assert "f00d" in text
     assert "β chosen on the validation split" not in render_results_markdown(runs, "ppd demo")
+
+
+def test_one_swap_in_five_interpolation_weights_meets_the_spearman_target():
+    from ppd.eval.stats import spearman
+
+    weights = [0.0, 0.25, 0.5, 0.75, 1.0]
+    rho = spearman(weights, [-1.18, 0.31, 2.14, 2.40, 2.38])  # the last two means swapped: ρ = 1 − 6·2/120 = 0.9
+    two_swaps = spearman(weights, [0.31, -1.18, 2.14, 2.40, 2.38])  # ρ = 1 − 6·4/120 = 0.8
+
+    def check(value):
+        results = {"interpolation": {"brightness": {"spearman": value}}}
+        return next(c for c in target_checks(results) if c.name == "interpolation Spearman: brightness")
+
+    assert check(rho).met and check(rho).value == "0.90"
+    assert not check(two_swaps).met
