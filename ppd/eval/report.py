@@ -183,7 +183,18 @@ def image_grid(
 
 def sample_grid(scored: pd.DataFrame, images: np.ndarray, path: Path, columns: int = 6) -> Path | None:
     """Rows: the base, then PPD for each one-reward user; columns: captions (seed of the first request)."""
-    rows = scored[scored.experiment == "one_reward"].reset_index(drop=True)
+    grid = sample_grid_cells(scored, images, columns)
+    return None if grid is None else image_grid(*grid, path)
+
+
+def sample_grid_cells(
+    scored: pd.DataFrame, images: np.ndarray, columns: int = 6
+) -> tuple[list[list[np.ndarray | None]], list[str], list[str]] | None:
+    """The sample grid's images, row labels and column captions; row i of `scored` is `images[i]`."""
+    # Positions, not labels: the one-reward rows are scattered through the evaluation's rows, and an index reset
+    # after the filter (as this code once did) picked other experiments' images for the grid.
+    rows = scored.reset_index(drop=True)
+    rows = rows[rows.experiment == "one_reward"]
     if rows.empty:
         return None
     first_seed = rows.seed.min()
@@ -198,7 +209,7 @@ def sample_grid(scored: pd.DataFrame, images: np.ndarray, path: Path, columns: i
         matches = [frame[(frame.caption == caption) & (frame.seed == first_seed)] for caption in captions]
         cells.append([images[match.index[0]] if len(match) else None for match in matches])
     short_captions = [c.replace("a picture of ", "").replace("an image showing ", "") for c in captions]
-    return image_grid(cells, [label for label, _ in lines], short_captions, path)
+    return cells, [label for label, _ in lines], short_captions
 
 
 def win_rate_bars(results: dict, path: Path) -> Path:

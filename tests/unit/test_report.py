@@ -59,3 +59,36 @@ def test_one_swap_in_five_interpolation_weights_meets_the_spearman_target():
 
     assert check(rho).met and check(rho).value == "0.90"
     assert not check(two_swaps).met
+
+
+def test_the_sample_grid_shows_each_rows_own_image_when_experiments_interleave(tmp_path):
+    """The evaluation's rows come back in request order, one-reward rows mixed with population and interpolation
+    rows; the grid must draw the image generated for each cell's (variant, user, caption, seed)."""
+    import numpy as np
+    import pandas as pd
+
+    from ppd.eval.report import sample_grid, sample_grid_cells
+
+    captions = ["a red disc", "a blue ring"]
+    rows = []
+    for caption in captions:
+        for variant, user in (("base", 100), ("ppd", 100), ("ppd", 101)):
+            rows.append({"experiment": "population", "variant": variant, "user_id": 7, "caption": caption, "seed": 0})
+            rows.append(
+                {"experiment": "one_reward", "variant": variant, "user_id": user, "caption": caption, "seed": 0}
+            )
+    scored = pd.DataFrame(rows)
+    images = np.stack([np.full((4, 4, 3), position, dtype=np.uint8) for position in range(len(scored))])
+    cells, labels, columns = sample_grid_cells(scored, images)
+    assert labels == ["base", "ppd: brightness", "ppd: saturation"] and columns == captions
+    for label, row in zip(labels, cells, strict=True):
+        variant, user = ("base", 100) if label == "base" else ("ppd", 100 if label.endswith("brightness") else 101)
+        for caption, image in zip(captions, row, strict=True):
+            (position,) = scored.index[
+                (scored.experiment == "one_reward")
+                & (scored.variant == variant)
+                & (scored.user_id == user)
+                & (scored.caption == caption)
+            ]
+            assert image is not None and (image == position).all(), (label, caption)
+    assert sample_grid(scored, images, tmp_path / "samples.png").is_file()
