@@ -112,13 +112,18 @@ TIMINGS_FILE = "timings.json"  # seconds per finished stage (a resumed run adds 
 BETA_CHOICE = "beta_sweep.json"  # <out>/results/beta_sweep.json, written by `ppd sweep beta`
 
 
+def read_beta_sweep(out_dir: Path) -> dict | None:
+    """The record `ppd sweep beta` wrote into `out_dir` (validation scores per method and β, the choice); None if none."""
+    path = out_dir / RESULTS_DIR / BETA_CHOICE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def read_beta_choice(out_dir: Path, preset: str) -> dict[str, float] | None:
     """The β per method that `ppd sweep beta` chose on the validation split for this preset; None if there is none."""
-    path = out_dir / RESULTS_DIR / BETA_CHOICE
-    if not path.is_file():
+    record = read_beta_sweep(out_dir)
+    if record is None or record.get("preset") != preset:
         return None
-    record = json.loads(path.read_text())
-    return {k: float(v) for k, v in record["chosen"].items()} if record.get("preset") == preset else None
+    return {k: float(v) for k, v in record["chosen"].items()}
 
 
 def demo_jobs(
@@ -281,10 +286,8 @@ def rerender_results(out_dir: Path, command: str) -> Path:
         raise JobError(f"no {out_dir / RESULTS_DIR}/seed<S>.json: run `ppd demo` first")
     runs = [json.loads(path.read_text()) for path in paths]
     investigation = INVESTIGATION_NOTES.read_text() if INVESTIGATION_NOTES.is_file() else None
-    sweep_path = out_dir / RESULTS_DIR / BETA_CHOICE
-    beta_sweep = json.loads(sweep_path.read_text()) if sweep_path.is_file() else None
     md_path = out_dir / "RESULTS.md"
-    md_path.write_text(render_results_markdown(runs, command, investigation, beta_sweep))
+    md_path.write_text(render_results_markdown(runs, command, investigation, read_beta_sweep(out_dir)))
     return md_path
 
 
