@@ -66,6 +66,13 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, float]) -> None:
         client.log_metric(run_id, key, float(value))
 
 
+def attach_to_parent(uri: str, run_id: str, parent_run_id: str) -> None:
+    """Make `run_id` a child of `parent_run_id` (MLflow's nesting tag), e.g. a run a new sweep kept from an earlier one."""
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri=uri).set_tag(run_id, "mlflow.parentRunId", parent_run_id)
+
+
 def close_run(uri: str, run_id: str, status: str) -> None:
     """End a run as FINISHED, FAILED or KILLED."""
     from mlflow import MlflowClient

@@ -118,11 +118,15 @@ def _beta_sweep_lines(record: dict | None) -> list[str]:
         return []
     betas = [f"{float(b):g}" for b in record["betas"]]
     names = {"ppd": "PPD", "dpo": "Diffusion-DPO"}
+    kept_runs = record.get("kept_runs") or []
+    kept = (
+        f"; {', '.join(kept_runs)} trained by an earlier invocation on the same workdir, not timed" if kept_runs else ""
+    )
     lines = [
         "## β chosen on the validation split (paper B.1)",
         "",
         f"`ppd sweep beta` ({record['preset']}, seed {record['seed']}, {record['steps']} steps per run, MLflow parent "
-        f"run `{record.get('mlflow_parent_run', '–')}`, {record.get('seconds', float('nan')) / 60:.0f} min): mean "
+        f"run `{record.get('mlflow_parent_run', '–')}`, {record.get('seconds', float('nan')) / 60:.0f} min{kept}): mean "
         f"hidden reward of the one-reward users on validation captions (base {record['base_mean_reward']:.3f}). The "
         f"highest per method (bold) is what `ppd demo` then trains with, on every seed (the table above says which β "
         "each run used).",

@@ -55,7 +55,7 @@ def run_beta_sweep(
     """Train every (method, β), score each on validation, choose; returns the record written to beta_sweep.json."""
     from ppd_ray.infra.local_cluster import local_head
     from ppd_ray.infra.mlflow_server import tracking_uri
-    from ppd_ray.tracking import close_run, log_metrics, open_run
+    from ppd_ray.tracking import attach_to_parent, close_run, log_metrics, open_run
 
     began = time.monotonic()
     workdir = workdir.resolve()
@@ -94,10 +94,11 @@ def run_beta_sweep(
                         f"train.beta={beta:g}",
                         f"tracking.parent_run_id={parent}",
                     )
-            to_train = []
-            for stage in jobs.stages:
+            to_train, kept = [], []
+            for stage, name in zip(jobs.stages, [variant_name(m, b) for m in methods for b in betas], strict=True):
                 if stage.output is not None and stage.output.is_file():
                     logger.info(f"== {stage.title}: kept {stage.output}")
+                    kept.append(name)
                     continue
                 to_train.append(stage)
             # independent runs: `train.concurrent_runs` at a time, as in the demo
@@ -129,6 +130,8 @@ def run_beta_sweep(
             for method in methods:
                 for beta in betas:
                     summary = json.loads((sweep_dir / "runs" / variant_name(method, beta) / "summary.json").read_text())
+                    # a run kept from an earlier sweep of this workdir joins this parent: one parent, every child
+                    attach_to_parent(uri, summary["run_id"], parent)
                     log_metrics(uri, summary["run_id"], {"validation.mean_reward": scores[method][beta]})
             log_metrics(uri, parent, {f"chosen_beta.{m}": b for m, b in chosen.items()})
             status = "FINISHED"
@@ -145,6 +148,8 @@ def run_beta_sweep(
         "chosen": chosen,
         "mlflow_parent_run": parent,
         "seconds": round(time.monotonic() - began, 1),
+        # trained by an earlier invocation on this workdir (same names, so same method and β); `seconds` excludes them
+        "kept_runs": kept,
     }
     path = out_dir / RESULTS_DIR / BETA_CHOICE
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -44,6 +44,10 @@ def test_results_name_each_runs_beta_and_the_sweep_that_chose_it():
     assert "| Diffusion-DPO | **0.330** | 0.290 | 0.110 |" in text
     assert "f00d" in text
     assert "β chosen on the validation split" not in render_results_markdown(runs, "ppd demo")
+    # runs kept from an earlier invocation are named: the minutes are this invocation's only
+    assert "trained by an earlier invocation" not in text
+    kept = render_results_markdown(runs, "ppd demo", beta_sweep={**SWEEP, "kept_runs": ["ppd_beta2", "dpo_beta8"]})
+    assert "28 min; ppd_beta2, dpo_beta8 trained by an earlier invocation on the same workdir, not timed" in kept
 
 
 def test_one_swap_in_five_interpolation_weights_meets_the_spearman_target():
