@@ -11,7 +11,7 @@ from ppd.data.toyworld import write_toy_world
 from ppd.embed import load_embedder
 from ppd.embed.classify import evaluate_user_classifier
 from ppd.embed.groups import FewShotGroup, groups_from_pairs, groups_from_rows
-from ppd.embed.pairdiff import TINY_CLIP_VISION_NAME, PairDiffEmbedder
+from ppd.embed.pairdiff import TINY_CLIP_VISION_NAME, PairDiffEmbedder, tiny_clip_vision_config
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +75,9 @@ def test_classifier_tells_toy_users_apart_well_above_chance(tmp_path, embedder):
     assert report.top_k[1] >= 2 * report.chance[1]
     assert report.top_k[5] >= 2 * report.chance[5]
     assert report.top_k[16] >= report.chance[16] + 0.15
+
+
+def test_the_tiny_tower_sees_the_toy_worlds_pixels_without_resampling():
+    # at another side the processor resamples every toy image first (it halved them when the world went to 32 px)
+    side = smoke().data.toy.image_size
+    assert tiny_clip_vision_config().image_size == side and TINY_CLIP_VISION_NAME.endswith(f"-{side}px")
