@@ -73,7 +73,7 @@ sweep_app = typer.Typer(help="Hyper-parameter sweeps scored on the validation sp
 def sweep_beta(
     betas: Annotated[
         str, typer.Option(help="comma-separated β values (β·T is Diffusion-DPO's beta_dpo)")
-    ] = "0.125,0.25,0.5,2,8",
+    ] = "0.0625,0.125,0.25,0.5,2,8",
     methods: Annotated[str, typer.Option(help="comma-separated methods to choose β for")] = "ppd,dpo",
     out: Annotated[
         Path, typer.Option("--out", "-o", help="where results/beta_sweep.json goes (ppd demo reads it)")
