@@ -142,6 +142,17 @@ def _beta_sweep_lines(record: dict | None) -> list[str]:
             text = "–" if value is None else f"{value:.3f}"
             cells.append(f"**{text}**" if float(b) == chosen and value is not None else text)
         lines.append(f"| {names.get(method, method)} | " + " | ".join(cells) + " |")
+    object_rates = record.get("object_rates") or {}
+    for method, by_beta in object_rates.items():
+        cells = ["–" if by_beta.get(b) is None else _pct(by_beta[b]) for b in betas]
+        lines.append(f"| {names.get(method, method)}: object drawn | " + " | ".join(cells) + " |")
+    if object_rates:
+        lines += [
+            "",
+            f"Object drawn: share of the validation images with an object (the quality gate's measure; base "
+            f"{_pct(record['base_object_rate'])}). Not part of the choice: a row where it falls while the reward "
+            "rises is the pixel rewards being won without drawing the toy world.",
+        ]
     return [*lines, ""]
 
 

@@ -6,7 +6,7 @@
 
 Each adapter generates images for the one-reward users on validation captions (never a test caption), scored by
 each user's reward: the toy world's analogue of the paper's validation PickScore (supplementary B.1). Generation runs
-on a Ray Data actor pool, as in the evaluate job; writes `validation.json` {variant: mean_reward, win rate vs base}.
+on a Ray Data actor pool, as in the evaluate job; writes `validation.json` {variant: mean_reward, win rate vs base, share of images with an object}.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from ppd.config import ATTRIBUTES, PPDConfig
+from ppd.eval.base_quality import find_objects
 from ppd.eval.evaluate import decode_png, read_split, score
 from ppd.eval.rewards import ToyRewards
 from ppd.eval.toy_experiments import OneRewardUsers, summarise_validation, validation_requests
@@ -53,11 +54,19 @@ def run(cfg: PPDConfig, world: Path, prepared: Path, adapters: dict[str, str], o
     images = np.stack([decode_png(p) for p in frame["png"]])
     scored = score(frame.drop(columns=["png", "embedding"]), images, ToyRewards(world))
     results = summarise_validation(scored, cfg.eval.bootstrap_samples, seed)
+    # Does the model still draw the toy world? A β can raise the pixel rewards by dropping the object (a background
+    # that is not uniform scores as a large, centred object): the sweep reports this beside each score.
+    present = find_objects(images).present  # [N] in the frame's row order
+    variants = frame["variant"].to_numpy()
+    for variant, entry in results.items():
+        entry["object_rate"] = float(present[variants == variant].mean())
+        entry["base_object_rate"] = float(present[variants == "base"].mean())
     out.mkdir(parents=True, exist_ok=True)
     (out / VALIDATION_FILE).write_text(json.dumps(results, indent=2) + "\n")
     for variant, entry in results.items():
         logger.info(
-            f"validate: {variant}: mean reward {entry['mean_reward']:.3f} (base {entry['base_mean_reward']:.3f})"
+            f"validate: {variant}: mean reward {entry['mean_reward']:.3f} (base {entry['base_mean_reward']:.3f}), "
+            f"object drawn {entry['object_rate']:.0%} (base {entry['base_object_rate']:.0%})"
         )
     return results
 

@@ -126,6 +126,9 @@ def run_beta_sweep(
             submit(scoring.stages[0].title, scoring.stages[0].entrypoint)
             validation = json.loads((validation_dir / "validation.json").read_text())
             scores = {m: {b: validation[variant_name(m, b)]["mean_reward"] for b in betas} for m in methods}
+            object_rates = {
+                m: {f"{b:g}": validation[variant_name(m, b)]["object_rate"] for b in betas} for m in methods
+            }
             chosen = choose(scores)
             for method in methods:
                 for beta in betas:
@@ -145,6 +148,9 @@ def run_beta_sweep(
         "steps": cfg.train.max_steps,
         "scores": {m: {f"{b:g}": v for b, v in by_beta.items()} for m, by_beta in scores.items()},
         "base_mean_reward": next(iter(validation.values()))["base_mean_reward"],
+        # share of validation images with an object: not part of the choice, shown beside it (reward hacking)
+        "object_rates": object_rates,
+        "base_object_rate": next(iter(validation.values()))["base_object_rate"],
         "chosen": chosen,
         "mlflow_parent_run": parent,
         "seconds": round(time.monotonic() - began, 1),

@@ -98,6 +98,9 @@ def test_validate_scores_adapters_on_validation_captions_only(
     assert results["ppd_beta1"]["mean_reward"] == pytest.approx(results["ppd_beta1"]["base_mean_reward"])
     assert results["ppd_beta1"]["win_rate_vs_base"]["value"] == 0.5  # ties only
     assert results["ppd_beta4"]["mean_reward"] != pytest.approx(results["ppd_beta4"]["base_mean_reward"])
+    # the zero adapter draws the base's images, so it draws an object exactly as often
+    assert results["ppd_beta1"]["object_rate"] == results["ppd_beta1"]["base_object_rate"]
+    assert all(0.0 <= entry["object_rate"] <= 1.0 for entry in results.values())
     # 5 one-reward users x 2 validation captions x 1 seed, and never a test caption
     assert results["ppd_beta4"]["win_rate_vs_base"]["n"] == len(ATTRIBUTES) * 2
     validation = set(read_split(one_reward_prepared, "validation", ["caption"])["caption"])

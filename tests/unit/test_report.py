@@ -48,6 +48,17 @@ def test_results_name_each_runs_beta_and_the_sweep_that_chose_it():
     assert "trained by an earlier invocation" not in text
     kept = render_results_markdown(runs, "ppd demo", beta_sweep={**SWEEP, "kept_runs": ["ppd_beta2", "dpo_beta8"]})
     assert "28 min; ppd_beta2, dpo_beta8 trained by an earlier invocation on the same workdir, not timed" in kept
+    # the share of validation images with an object, per method and β, beside the scores (not part of the choice)
+    assert "object drawn" not in text
+    rates = {"ppd": {"0.5": 0.82, "2": 0.9, "8": 0.95}, "dpo": {"0.5": 0.22, "2": 0.88, "8": 0.97}}
+    shown = render_results_markdown(
+        runs, "ppd demo", beta_sweep={**SWEEP, "object_rates": rates, "base_object_rate": 0.96}
+    )
+    assert (
+        "| PPD: object drawn | 82% | 90% | 95% |" in shown
+        and "| Diffusion-DPO: object drawn | 22% | 88% | 97% |" in shown
+    )
+    assert "base 96%" in shown
 
 
 def test_one_swap_in_five_interpolation_weights_meets_the_spearman_target():
