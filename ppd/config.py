@@ -506,8 +506,9 @@ def tiny_cpu() -> PPDConfig:
             effective_batch=32,
             max_steps=400,
             checkpoint_every=200,
-            # Each upper bound trains on one user's 400 pairs: 60 steps of 32 pairs are ~5 epochs, below the 80 steps'
-            # worth of that user's pairs that PPD's 400 steps over 5 users see; 120 kept the demo over 30 min.
+            # Each upper bound trains on one user's training pairs (~240 of its 400 after the splits): 60 steps of 32
+            # pairs are ~8 epochs, below the 80 steps' worth of that user's pairs that PPD's 400 steps over 5 users
+            # see; 120 kept the demo over 30 min.
             upper_bound_steps=60,
             cpus_per_worker=0.5,  # 2-CPU box: leave a core to Ray Data's readers, or the input pipeline stalls
             # A 0.5-CPU worker computes on one thread: two runs at once use both cores (each run stays deterministic).

@@ -119,9 +119,13 @@ def _beta_sweep_lines(record: dict | None) -> list[str]:
     betas = [f"{float(b):g}" for b in record["betas"]]
     names = {"ppd": "PPD", "dpo": "Diffusion-DPO"}
     kept_runs = record.get("kept_runs") or []
-    kept = (
-        f"; {', '.join(kept_runs)} trained by an earlier invocation on the same workdir, not timed" if kept_runs else ""
-    )
+    runs = len(record["scores"]) * len(betas)
+    if kept_runs and len(kept_runs) == runs:
+        kept = f"; all {runs} runs trained by earlier invocations on the same workdir, so these minutes are the scoring"
+    elif kept_runs:
+        kept = f"; {', '.join(kept_runs)} trained by an earlier invocation on the same workdir, not timed"
+    else:
+        kept = ""
     lines = [
         "## β chosen on the validation split (paper B.1)",
         "",

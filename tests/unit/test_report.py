@@ -48,6 +48,12 @@ def test_results_name_each_runs_beta_and_the_sweep_that_chose_it():
     assert "trained by an earlier invocation" not in text
     kept = render_results_markdown(runs, "ppd demo", beta_sweep={**SWEEP, "kept_runs": ["ppd_beta2", "dpo_beta8"]})
     assert "28 min; ppd_beta2, dpo_beta8 trained by an earlier invocation on the same workdir, not timed" in kept
+    every = [f"{m}_beta{b:g}" for m in ("ppd", "dpo") for b in SWEEP["betas"]]
+    all_kept = render_results_markdown(runs, "ppd demo", beta_sweep={**SWEEP, "kept_runs": every})
+    assert (
+        "28 min; all 6 runs trained by earlier invocations on the same workdir, so these minutes are the scoring"
+        in all_kept
+    )
     # the share of validation images with an object, per method and β, beside the scores (not part of the choice)
     assert "object drawn" not in text
     rates = {"ppd": {"0.5": 0.82, "2": 0.9, "8": 0.95}, "dpo": {"0.5": 0.22, "2": 0.88, "8": 0.97}}
