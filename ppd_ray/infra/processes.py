@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -28,14 +29,43 @@ def path_with_interpreter_bin(path: str | None = None) -> str:
     return os.pathsep.join([env_bin, *(entry for entry in rest if entry != env_bin)])
 
 
+# Ray's default worker ports (`--min-worker-port` / `--max-worker-port`): a Ray that `ppd serve` starts uses them.
+_RAY_DEFAULT_WORKER_PORTS = (10002, 19999)
+_LINUX_EPHEMERAL_PORTS = (32768, 60999)  # where /proc does not say (other systems: 49152-65535 lies inside it too)
+
+
+def ephemeral_port_range() -> tuple[int, int]:
+    """The ports the kernel hands to sockets bound to port 0 (`ip_local_port_range`), inclusive."""
+    try:
+        low, high = (int(p) for p in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return _LINUX_EPHEMERAL_PORTS
+    return low, high
+
+
 def free_ports(count: int) -> list[int]:
-    """`count` distinct loopback ports free right now (all held open until every one is chosen)."""
+    """`count` distinct loopback ports free right now (all held open until every one is chosen).
+
+    Chosen outside the kernel's ephemeral range and Ray's worker ports: between this check and the server's own bind,
+    a port from the ephemeral range can be handed to any other socket, and a Ray node opens hundreds (a test's
+    `ppd serve` once failed with "Failed to bind to address" that way)."""
+    low, high = ephemeral_port_range()
+    candidates = [port for port in range(_RAY_DEFAULT_WORKER_PORTS[1] + 1, 65536) if not low <= port <= high]
+    random.SystemRandom().shuffle(candidates)  # not seeded: two processes must not try the same order
     sockets = []
     try:
-        for _ in range(count):
+        for port in candidates:
+            if len(sockets) == count:
+                break
             sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:  # taken
+                sock.close()
+                continue
             sockets.append(sock)
+        if len(sockets) < count:
+            raise JobError(f"found only {len(sockets)} of {count} free loopback ports outside {low}-{high}")
         return [sock.getsockname()[1] for sock in sockets]
     finally:
         for sock in sockets:
