@@ -31,7 +31,8 @@ def path_with_interpreter_bin(path: str | None = None) -> str:
 
 # Ray's default worker ports (`--min-worker-port` / `--max-worker-port`): a Ray that `ppd serve` starts uses them.
 _RAY_DEFAULT_WORKER_PORTS = (10002, 19999)
-_LINUX_EPHEMERAL_PORTS = (32768, 60999)  # where /proc does not say (other systems: 49152-65535 lies inside it too)
+# Where /proc does not say: Linux's default range widened to cover macOS's and the BSDs' (49152-65535) too.
+_FALLBACK_EPHEMERAL_PORTS = (32768, 65535)
 
 
 def ephemeral_port_range() -> tuple[int, int]:
@@ -39,7 +40,7 @@ def ephemeral_port_range() -> tuple[int, int]:
     try:
         low, high = (int(p) for p in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
     except (OSError, ValueError):
-        return _LINUX_EPHEMERAL_PORTS
+        return _FALLBACK_EPHEMERAL_PORTS
     return low, high
 
 

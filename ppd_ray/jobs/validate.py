@@ -6,7 +6,8 @@
 
 Each adapter generates images for the one-reward users on validation captions (never a test caption), scored by
 each user's reward: the toy world's analogue of the paper's validation PickScore (supplementary B.1). Generation runs
-on a Ray Data actor pool, as in the evaluate job; writes `validation.json` {variant: mean_reward, win rate vs base, share of images with an object}.
+on a Ray Data actor pool, as in the evaluate job; writes `validation.json` {variant: mean_reward, win rate vs base,
+share of images with an object}.
 """
 
 from __future__ import annotations
