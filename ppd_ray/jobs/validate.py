@@ -18,8 +18,7 @@ import sys
 from pathlib import Path
 
 from ppd.config import ATTRIBUTES, PPDConfig
-from ppd.eval.base_quality import find_objects
-from ppd.eval.evaluate import decode_png, read_split, score
+from ppd.eval.evaluate import decode_png, object_diagnostics, read_split, score
 from ppd.eval.rewards import ToyRewards
 from ppd.eval.toy_experiments import OneRewardUsers, summarise_validation, validation_requests
 from ppd_ray.console import JobError
@@ -57,11 +56,10 @@ def run(cfg: PPDConfig, world: Path, prepared: Path, adapters: dict[str, str], o
     results = summarise_validation(scored, cfg.eval.bootstrap_samples, seed)
     # Does the model still draw the toy world? A β can raise the pixel rewards by dropping the object (a background
     # that is not uniform scores as a large, centred object): the sweep reports this beside each score.
-    present = find_objects(images).present  # [N] in the frame's row order
-    variants = frame["variant"].to_numpy()
+    objects = object_diagnostics(frame["variant"].tolist(), images, cfg.data.toy.image_size, seed)
     for variant, entry in results.items():
-        entry["object_rate"] = float(present[variants == variant].mean())
-        entry["base_object_rate"] = float(present[variants == "base"].mean())
+        entry["object_rate"] = objects[variant]["object_rate"]
+        entry["base_object_rate"] = objects["base"]["object_rate"]
     out.mkdir(parents=True, exist_ok=True)
     (out / VALIDATION_FILE).write_text(json.dumps(results, indent=2) + "\n")
     for variant, entry in results.items():

@@ -95,10 +95,10 @@ def run_beta_sweep(
                         f"tracking.parent_run_id={parent}",
                     )
             to_train, kept = [], []
-            for stage, name in zip(jobs.stages, [variant_name(m, b) for m in methods for b in betas], strict=True):
+            for stage in jobs.stages:
                 if stage.output is not None and stage.output.is_file():
                     logger.info(f"== {stage.title}: kept {stage.output}")
-                    kept.append(name)
+                    kept.append(stage.output.parent.name)  # runs/<variant>/summary.json
                     continue
                 to_train.append(stage)
             # independent runs: `train.concurrent_runs` at a time, as in the demo
