@@ -131,9 +131,9 @@ def _beta_sweep_lines(record: dict | None) -> list[str]:
         "",
         f"`ppd sweep beta` ({record['preset']}, seed {record['seed']}, {record['steps']} steps per run, MLflow parent "
         f"run `{record.get('mlflow_parent_run', '–')}`, {record.get('seconds', float('nan')) / 60:.0f} min{kept}): mean "
-        f"hidden reward of the one-reward users on validation captions (base {record['base_mean_reward']:.3f}). The "
-        f"highest per method (bold) is what `ppd demo` then trains with, on every seed (the table above says which β "
-        "each run used).",
+        f"hidden reward of the one-reward users on validation captions (base {record['base_mean_reward']:.3f}). "
+        f"Chosen per method (bold): {record.get('choice_rule', 'the highest validation mean reward')}; `ppd demo` "
+        "then trains with it on every seed (the table above says which β each run used).",
         "",
         "| method | " + " | ".join(f"β = {b}" for b in betas) + " |",
         "| --- |" + " --- |" * len(betas),
@@ -154,8 +154,14 @@ def _beta_sweep_lines(record: dict | None) -> list[str]:
         lines += [
             "",
             f"Object drawn: share of the validation images with an object (the quality gate's measure; base "
-            f"{_pct(record['base_object_rate'])}). Not part of the choice: a row where it falls while the reward "
-            "rises is the pixel rewards being won without drawing the toy world.",
+            f"{_pct(record['base_object_rate'])}). "
+            + (
+                "A β whose rate falls below the base's is not chosen, however high its reward: there the pixel "
+                "rewards are won by painting the image instead of drawing the toy world."
+                if "choice_rule" in record
+                else "Not part of the choice: a row where it falls while the reward rises is the pixel rewards being "
+                "won without drawing the toy world."
+            ),
         ]
     return [*lines, ""]
 

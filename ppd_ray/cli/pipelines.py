@@ -82,12 +82,40 @@ def sweep_beta(
         Path, typer.Option(help="the demo's workdir: its toy world, prepared data and inputs are reused")
     ] = Path("runs/demo"),
     seed: Annotated[int, typer.Option(help="seed of the toy world, splits and training")] = 0,
+    object_rate_margin: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="a β is eligible when its validation object rate is ≥ the base's minus this share (0.05 = 5 points)",
+        ),
+    ] = 0.0,
+    choose_only: Annotated[
+        bool,
+        typer.Option(
+            "--choose-only",
+            help="no training or scoring: apply the choice rule again to the scores in <out>/results/beta_sweep.json",
+        ),
+    ] = False,
     preset: PresetOption = "tiny_cpu",
     overrides: OverrideOption = None,
 ) -> None:
     """Choose β per method on the validation split (paper B.1): one training per (method, β) under one MLflow parent
-    run, each scored on validation captions; writes the choice that `ppd demo` then uses."""
-    from ppd_ray.pipelines.sweep import format_sweep, run_beta_sweep
+    run, each scored on validation captions; per method the best validation reward among the β whose images still
+    draw the toy world (object rate ≥ the base's) wins. Writes the choice that `ppd demo` then uses."""
+    from ppd_ray.pipelines.demo import BETA_CHOICE, RESULTS_DIR
+    from ppd_ray.pipelines.sweep import format_sweep, rechoose, run_beta_sweep
+
+    if choose_only:
+        path = out / RESULTS_DIR / BETA_CHOICE
+        if not path.is_file():
+            fail(f"--choose-only: no sweep record at {path}; run `ppd sweep beta` without it first")
+        try:
+            record = rechoose(path, object_rate_margin)
+        except ValueError as err:
+            fail(str(err))
+        typer.echo(format_sweep(record))
+        return
 
     cfg = config_or_fail(preset, overrides, [f"data.seed={seed}"])
     try:
@@ -102,7 +130,15 @@ def sweep_beta(
         fail(f"--methods: choose from ppd, dpo (got {methods!r})")
     try:
         record = run_beta_sweep(
-            cfg, workdir, out, list(overrides or []), seed, beta_values, method_list, generate_toy_world
+            cfg,
+            workdir,
+            out,
+            list(overrides or []),
+            seed,
+            beta_values,
+            method_list,
+            generate_toy_world,
+            object_rate_margin,
         )
     except JobError as err:
         fail(str(err))

@@ -2,8 +2,15 @@
 
 On a local head (as `ppd demo`): the one-reward users' inputs (prepare, one-hot embed, precompute; kept when a demo
 already made them), one training per (method, β) nested under one MLflow parent run, then the validate job scores
-every adapter on validation captions. The β with the highest validation score per method is written to
+every adapter on validation captions. Per method, the β with the highest validation score among those whose
+validation images still draw the toy world (object rate at least the base's, less a margin) is written to
 `<out>/results/beta_sweep.json`, which `ppd demo` reads. Test splits are never touched.
+
+Why the object-rate constraint: the hidden rewards are pixel statistics, so a small β can raise them by painting the
+image (Diffusion-DPO at β = 0.0625 scored its best validation reward while drawing an object in 41% of its images,
+base 88%, and its per-user upper bounds then turned the warmth reward the wrong way on test captions). The DPO
+objective's reference term is what should prevent that; β is its strength, so it is chosen where the model still
+generates what the base generates.
 """
 
 from __future__ import annotations
@@ -37,9 +44,57 @@ def variant_name(method: str, beta: float) -> str:
     return f"{method}_beta{beta:g}"
 
 
-def choose(scores: dict[str, dict[float, float]]) -> dict[str, float]:
-    """The β with the highest validation score per method (a tie goes to the larger β: closer to the reference)."""
-    return {method: max(by_beta, key=lambda b: (by_beta[b], b)) for method, by_beta in scores.items()}
+def choose(
+    scores: dict[str, dict[float, float]],
+    object_rates: dict[str, dict[float, float]] | None = None,
+    base_object_rate: float | None = None,
+    object_rate_margin: float = 0.0,
+) -> dict[str, float]:
+    """The β with the highest validation score per method among the eligible ones (a tie goes to the larger β:
+    closer to the reference).
+
+    Eligible: validation object rate ≥ `base_object_rate` - `object_rate_margin` (every β when no rates are given).
+    Where no β of a method is eligible, the one that draws objects most often is taken (least reward hacking)."""
+
+    def eligible(method: str, beta: float) -> bool:
+        if object_rates is None or base_object_rate is None:
+            return True
+        return object_rates[method][beta] >= base_object_rate - object_rate_margin - 1e-12
+
+    def rank(method: str, beta: float) -> tuple:
+        if eligible(method, beta):
+            return (True, scores[method][beta], beta)
+        return (False, object_rates[method][beta], scores[method][beta], beta)
+
+    chosen = {}
+    for method, by_beta in scores.items():
+        if not any(eligible(method, b) for b in by_beta):
+            logger.warning(
+                f"{method}: no β keeps the validation object rate near the base's; the highest rate is taken"
+            )
+        chosen[method] = max(by_beta, key=lambda b, m=method: rank(m, b))
+    return chosen
+
+
+def choice_rule(object_rate_margin: float) -> str:
+    """The rule as the record names it (RESULTS.md prints it)."""
+    margin = f" - {object_rate_margin:.0%}" if object_rate_margin else ""
+    return f"highest validation mean reward among β with validation object rate ≥ base's{margin}"
+
+
+def rechoose(path: Path, object_rate_margin: float) -> dict:
+    """Apply the choice rule again to the validation scores and object rates a sweep recorded at `path` (no training,
+    no scoring: both came from the sweep's validate job); rewrites the record's choice and returns the record."""
+    record = json.loads(path.read_text())
+    if "object_rates" not in record:
+        raise ValueError(f"{path} has no validation object rates (written before they were recorded): rerun the sweep")
+    scores = {m: {float(b): v for b, v in by_beta.items()} for m, by_beta in record["scores"].items()}
+    rates = {m: {float(b): v for b, v in by_beta.items()} for m, by_beta in record["object_rates"].items()}
+    record["chosen"] = choose(scores, rates, record["base_object_rate"], object_rate_margin)
+    record["choice_rule"] = choice_rule(object_rate_margin)
+    record["object_rate_margin"] = object_rate_margin
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return record
 
 
 def run_beta_sweep(
@@ -51,6 +106,7 @@ def run_beta_sweep(
     betas: list[float],
     methods: list[str],
     generate_world: Callable[[PPDConfig, Path, int], object],
+    object_rate_margin: float = 0.0,
 ) -> dict:
     """Train every (method, β), score each on validation, choose; returns the record written to beta_sweep.json."""
     from ppd_ray.infra.local_cluster import local_head
@@ -126,10 +182,9 @@ def run_beta_sweep(
             submit(scoring.stages[0].title, scoring.stages[0].entrypoint)
             validation = json.loads((validation_dir / "validation.json").read_text())
             scores = {m: {b: validation[variant_name(m, b)]["mean_reward"] for b in betas} for m in methods}
-            object_rates = {
-                m: {f"{b:g}": validation[variant_name(m, b)]["object_rate"] for b in betas} for m in methods
-            }
-            chosen = choose(scores)
+            rates = {m: {b: validation[variant_name(m, b)]["object_rate"] for b in betas} for m in methods}
+            base_object_rate = next(iter(validation.values()))["base_object_rate"]
+            chosen = choose(scores, rates, base_object_rate, object_rate_margin)
             for method in methods:
                 for beta in betas:
                     summary = json.loads((sweep_dir / "runs" / variant_name(method, beta) / "summary.json").read_text())
@@ -148,10 +203,12 @@ def run_beta_sweep(
         "steps": cfg.train.max_steps,
         "scores": {m: {f"{b:g}": v for b, v in by_beta.items()} for m, by_beta in scores.items()},
         "base_mean_reward": next(iter(validation.values()))["base_mean_reward"],
-        # share of validation images with an object: not part of the choice, shown beside it (reward hacking)
-        "object_rates": object_rates,
-        "base_object_rate": next(iter(validation.values()))["base_object_rate"],
+        # share of validation images with an object: β that fall below the base's are not chosen (reward hacking)
+        "object_rates": {m: {f"{b:g}": v for b, v in by_beta.items()} for m, by_beta in rates.items()},
+        "base_object_rate": base_object_rate,
         "chosen": chosen,
+        "choice_rule": choice_rule(object_rate_margin),
+        "object_rate_margin": object_rate_margin,
         "mlflow_parent_run": parent,
         "seconds": round(time.monotonic() - began, 1),
         # trained by an earlier invocation on this workdir (same names, so same method and β); `seconds` excludes them
@@ -165,9 +222,18 @@ def run_beta_sweep(
 
 
 def format_sweep(record: dict) -> str:
-    """The sweep as a small table: validation score per method and β, the chosen β marked."""
+    """The sweep as a small table: validation score (and object rate) per method and β, the chosen β marked."""
+    rates = record.get("object_rates") or {}
     lines = [f"validation mean reward (base {record['base_mean_reward']:.3f}), β chosen per method:"]
+    if rates:
+        lines[0] = (
+            f"validation mean reward / object rate (base {record['base_mean_reward']:.3f} / "
+            f"{record['base_object_rate']:.0%}); rule: {record.get('choice_rule', 'highest reward')}:"
+        )
     for method, by_beta in record["scores"].items():
-        cells = [f"β={b}: {v:.3f}{' *' if float(b) == record['chosen'][method] else ''}" for b, v in by_beta.items()]
+        cells = []
+        for b, v in by_beta.items():
+            rate = f" / {rates[method][b]:.0%}" if method in rates else ""
+            cells.append(f"β={b}: {v:.3f}{rate}{' *' if float(b) == record['chosen'][method] else ''}")
         lines.append(f"  {method:4s} " + "   ".join(cells))
     return "\n".join(lines)

@@ -64,7 +64,14 @@ def test_results_name_each_runs_beta_and_the_sweep_that_chose_it():
         "| PPD: object drawn | 82% | 90% | 95% |" in shown
         and "| Diffusion-DPO: object drawn | 22% | 88% | 97% |" in shown
     )
-    assert "base 96%" in shown
+    assert "base 96%" in shown and "Not part of the choice" in shown
+    # a sweep chosen under the object-rate rule says so, above the table and under it
+    ruled = render_results_markdown(
+        runs,
+        "ppd demo",
+        beta_sweep={**SWEEP, "object_rates": rates, "base_object_rate": 0.96, "choice_rule": "RULE-TEXT"},
+    )
+    assert "Chosen per method (bold): RULE-TEXT" in ruled and "is not chosen, however high its reward" in ruled
 
 
 def test_one_swap_in_five_interpolation_weights_meets_the_spearman_target():
