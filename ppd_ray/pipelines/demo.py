@@ -103,6 +103,58 @@ class JobSequence:
         return [Path(stage.argv[stage.argv.index("--out") + 1]) for stage in self.stages if "--out" in stage.argv]
 
 
+# Beside a stage's output: the command that wrote it. A stage is kept (`--resume`, the β sweep's runs) only when its
+# output was written by the very command it would run now; an output of other settings is cleared and rerun.
+STAGE_RECORD_SUFFIX = ".command.json"
+# Settings that do not change what a job computes: where its MLflow run is logged (a sweep's parent run is new on
+# every invocation, and a kept run is moved under it).
+UNRECORDED_SETTINGS = ("tracking.",)
+
+
+def stage_command(stage: DemoStage) -> list[str]:
+    """The stage's command as recorded beside its output: everything but `--set` items of UNRECORDED_SETTINGS."""
+    argv, command = list(stage.argv), []
+    index = 0
+    while index < len(argv):
+        if argv[index] == "--set" and index + 1 < len(argv) and argv[index + 1].startswith(UNRECORDED_SETTINGS):
+            index += 2
+            continue
+        command.append(argv[index])
+        index += 1
+    return command
+
+
+def _record_path(output: Path) -> Path:
+    return output.with_name(output.name + STAGE_RECORD_SUFFIX)
+
+
+def record_finished(stage: DemoStage) -> None:
+    """After the stage's job succeeded: record the command that wrote its output (what `keep_or_clear` checks)."""
+    if stage.output is not None and stage.output.is_file():
+        _record_path(stage.output).write_text(json.dumps({"command": stage_command(stage)}, indent=1) + "\n")
+
+
+def keep_or_clear(stage: DemoStage) -> bool:
+    """True when the stage finished earlier with this same command (its output can be kept). An output written with
+    other settings, or without a record of them, is removed with the stage's `--out` folder (a training job refuses
+    a folder holding another config's run; an embedding job would keep its rows); returns False then, and when there
+    is no output."""
+    if stage.output is None or not stage.output.is_file():
+        return False
+    record = _record_path(stage.output)
+    if record.is_file() and json.loads(record.read_text()).get("command") == stage_command(stage):
+        return True
+    why = "other settings" if record.is_file() else "settings not recorded (an older run)"
+    target = Path(stage.argv[stage.argv.index("--out") + 1]) if "--out" in stage.argv else stage.output
+    logger.info(f"== {stage.title}: {stage.output} was written with {why}: removing {target}, running it again")
+    if target.is_dir():
+        shutil.rmtree(target)
+    else:
+        target.unlink(missing_ok=True)
+        record.unlink(missing_ok=True)
+    return False
+
+
 def one_reward_user_ids(world: Path) -> dict[str, int]:
     """Reward attribute -> the id of the synthetic user who holds only that reward."""
     return {k: int(v) for k, v in json.loads((world / "manifest.json").read_text())["one_reward_users"].items()}
@@ -303,8 +355,9 @@ def run_demo(
 ) -> dict:
     """Run every stage as a Ray job on a local head; returns the results also written to out_dir/results.json.
 
-    `resume` keeps what an earlier run with the same workdir finished (the toy world, every stage whose output exists)
-    and runs only the rest; it is the caller's promise that preset, overrides and seed are unchanged."""
+    `resume` keeps what an earlier run with the same workdir finished (the toy world, every stage whose output was
+    written by the same command) and runs only the rest; the toy world is the caller's promise that preset and seed
+    are unchanged (it is not rebuilt)."""
     from ppd_ray.infra.local_cluster import local_head
     from ppd_ray.infra.mlflow_server import tracking_uri
 
@@ -351,14 +404,15 @@ def run_demo(
         with timings_lock:
             timings[stage.title] = round(time.monotonic() - started, 1)
             timings_path.write_text(json.dumps(timings, indent=1) + "\n")
+        record_finished(stage)
         logger.info(f"   [{index}/{total}] done in {timings[stage.title]:.0f}s ({outcome.job_id})")
 
     with tracking_uri(cfg.tracking.uri, workdir / "mlflow") as uri, local_head() as cluster:
         env = {"MLFLOW_TRACKING_URI": uri}
         pending: list[tuple[int, DemoStage]] = []
         for index, stage in enumerate(jobs.stages, 1):
-            if resume and stage.output is not None and stage.output.is_file():
-                logger.info(f"== [{index}/{total}] {stage.title}: done earlier, kept (--resume)")
+            if resume and keep_or_clear(stage):
+                logger.info(f"== [{index}/{total}] {stage.title}: done earlier with the same command, kept (--resume)")
                 kept_seconds += timings.get(stage.title, 0.0)
                 continue
             pending.append((index, stage))

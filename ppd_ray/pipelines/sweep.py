@@ -31,6 +31,8 @@ from ppd_ray.pipelines.demo import (
     JobSequence,
     demo_jobs,
     job_line,
+    keep_or_clear,
+    record_finished,
     run_concurrently,
 )
 
@@ -126,15 +128,16 @@ def run_beta_sweep(
     with tracking_uri(cfg.tracking.uri, workdir / "mlflow") as uri, local_head() as cluster:
         env = {"MLFLOW_TRACKING_URI": uri}
 
-        def submit(title: str, entrypoint: str) -> None:
-            logger.info(f"== {title}")
-            cluster.submit_and_wait(entrypoint, working_dir=REPO_ROOT, env_vars=env, on_log=job_line)
+        def submit(stage) -> None:
+            logger.info(f"== {stage.title}")
+            cluster.submit_and_wait(stage.entrypoint, working_dir=REPO_ROOT, env_vars=env, on_log=job_line)
+            record_finished(stage)
 
         for stage in stages:
-            if stage.output is not None and stage.output.is_file():
+            if keep_or_clear(stage):
                 logger.info(f"== {stage.title}: kept {stage.output}")
                 continue
-            submit(stage.title, stage.entrypoint)
+            submit(stage)
         parent = open_run(uri, cfg.tracking.experiment, f"beta-sweep-seed{seed}", tags={"ppd.job": "sweep"})
         status = "FAILED"
         try:
@@ -152,13 +155,14 @@ def run_beta_sweep(
                     )
             to_train, kept = [], []
             for stage in jobs.stages:
-                if stage.output is not None and stage.output.is_file():
+                # trained by an earlier invocation with the same command (method, β, steps, every setting): kept
+                if keep_or_clear(stage):
                     logger.info(f"== {stage.title}: kept {stage.output}")
                     kept.append(stage.output.parent.name)  # runs/<variant>/summary.json
                     continue
                 to_train.append(stage)
             # independent runs: `train.concurrent_runs` at a time, as in the demo
-            run_concurrently(to_train, cfg.train.concurrent_runs, lambda stage: submit(stage.title, stage.entrypoint))
+            run_concurrently(to_train, cfg.train.concurrent_runs, submit)
             adapters_path = sweep_dir / "adapters.json"
             adapters_path.write_text(json.dumps(jobs.adapters, indent=1) + "\n")
             validation_dir = sweep_dir / "validation"
@@ -179,7 +183,7 @@ def run_beta_sweep(
                 str(seed),
                 overrides=(base,),
             )
-            submit(scoring.stages[0].title, scoring.stages[0].entrypoint)
+            submit(scoring.stages[0])
             validation = json.loads((validation_dir / "validation.json").read_text())
             scores = {m: {b: validation[variant_name(m, b)]["mean_reward"] for b in betas} for m in methods}
             rates = {m: {b: validation[variant_name(m, b)]["object_rate"] for b in betas} for m in methods}
@@ -211,7 +215,7 @@ def run_beta_sweep(
         "object_rate_margin": object_rate_margin,
         "mlflow_parent_run": parent,
         "seconds": round(time.monotonic() - began, 1),
-        # trained by an earlier invocation on this workdir (same names, so same method and β); `seconds` excludes them
+        # trained by an earlier invocation on this workdir with the same command; `seconds` excludes them
         "kept_runs": kept,
     }
     path = out_dir / RESULTS_DIR / BETA_CHOICE

@@ -103,3 +103,30 @@ def test_a_fresh_run_removes_what_an_earlier_run_left_in_its_workdir_but_keeps_m
     assert (world / "manifest.json").is_file()
     assert all(path.is_relative_to(work) for path in removed)
     assert clear_earlier_outputs(jobs) == []  # nothing left to remove
+
+
+def test_a_finished_stage_is_kept_only_when_the_same_command_wrote_it(tmp_path):
+    from ppd_ray.pipelines.demo import JobSequence, keep_or_clear, record_finished
+
+    def training(*overrides: str):
+        jobs = JobSequence(tmp_path / "work", "smoke", ["data.seed=0"])
+        jobs.train("train", tmp_path / "inputs", "ppd_beta2", "train.beta=2", *overrides)
+        return jobs.stages[0]
+
+    stage = training("tracking.parent_run_id=aaa")
+    run_dir = stage.output.parent
+    assert not keep_or_clear(stage)  # nothing there yet
+    run_dir.mkdir(parents=True)
+    (run_dir / "checkpoint").write_text("weights")
+    stage.output.write_text("{}")
+    # an output without a record of its command (an older run): cleared with its run folder, run again
+    assert not keep_or_clear(stage) and not run_dir.exists()
+    run_dir.mkdir(parents=True)
+    stage.output.write_text("{}")
+    record_finished(stage)
+    assert keep_or_clear(stage) and stage.output.is_file()
+    # another MLflow parent is not another run (a sweep's parent is new on every invocation)
+    assert keep_or_clear(training("tracking.parent_run_id=bbb"))
+    # other settings are: the folder goes, so the training job does not meet another config's checkpoints
+    assert not keep_or_clear(training("tracking.parent_run_id=aaa", "train.max_steps=800"))
+    assert not run_dir.exists()
