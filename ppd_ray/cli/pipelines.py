@@ -26,7 +26,10 @@ def demo(
     ] = None,
     seed: Annotated[int, typer.Option(help="seed of the whole run: toy world, splits, training, evaluation")] = 0,
     resume: Annotated[
-        bool, typer.Option(help="keep the stages an interrupted run of the same workdir finished; run the rest")
+        bool,
+        typer.Option(
+            help="keep the stages an interrupted run of the same workdir finished with the same commands; run the rest"
+        ),
     ] = False,
     render_only: Annotated[
         bool, typer.Option(help="only rewrite RESULTS.md from the results/seed<S>.json in --out (no jobs run)")
