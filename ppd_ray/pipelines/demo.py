@@ -155,6 +155,46 @@ def keep_or_clear(stage: DemoStage) -> bool:
     return False
 
 
+def machine_facts(seconds: float = 1.0) -> dict:
+    """What the demo's runtime depends on, measured on this box before any job starts: CPU model, logical CPUs, the
+    widest vector unit, and one core's float32 matrix-multiply speed (GFLOP/s, 256 x 256 products for ~`seconds`).
+    Runtimes of two boxes compare only through these: the same demo's training took ~2x longer on one 2-core box
+    than on another, both sold as 2 cores."""
+    import os
+
+    import torch
+
+    model, flags = "unknown", set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown":
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    units = {"avx512f": "AVX-512", "avx2": "AVX2", "avx": "AVX"}
+    vector = next((label for flag, label in units.items() if flag in flags), "SSE" if flags else "unknown")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a, b = torch.randn(256, 256), torch.randn(256, 256)
+        torch.mm(a, b)  # warm-up
+        products, began = 0, time.perf_counter()
+        while time.perf_counter() - began < seconds:
+            torch.mm(a, b)
+            products += 1
+        gflops = products * 2 * 256**3 / (time.perf_counter() - began) / 1e9
+    finally:
+        torch.set_num_threads(threads)
+    return {
+        "cpu": model,
+        "logical_cpus": os.cpu_count(),
+        "vector_unit": vector,
+        "gflops_one_core": round(gflops, 1),
+    }
+
+
 def one_reward_user_ids(world: Path) -> dict[str, int]:
     """Reward attribute -> the id of the synthetic user who holds only that reward."""
     return {k: int(v) for k, v in json.loads((world / "manifest.json").read_text())["one_reward_users"].items()}
@@ -361,6 +401,8 @@ def run_demo(
     from ppd_ray.infra.local_cluster import local_head
     from ppd_ray.infra.mlflow_server import tracking_uri
 
+    machine = machine_facts()  # first: the box is still idle
+    logger.info(f"machine: {machine}")
     began = time.monotonic()
     if not (BASE_MODEL_DIR / "prior" / "config.json").is_file():
         raise JobError(f"{BASE_MODEL_DIR} is missing: run `ppd toy pretrain-base --out {BASE_MODEL_DIR}`")
@@ -428,6 +470,7 @@ def run_demo(
         results.setdefault("figures", {})["top-k user classification"] = str(top_k_plot)
     runtime = round(time.monotonic() - began + kept_seconds, 1)
     results.update({"preset": cfg.preset, "seed": seed, "runtime_s": runtime, "resumed": bool(kept_seconds)})
+    results["machine"] = machine
     results["beta"] = {"ppd": cfg.train.beta, "dpo": cfg.train.beta, **(betas or {})}
     results["beta_source"] = "ppd sweep beta (validation split)" if betas else "preset"
     write_results(results, out_dir, command)

@@ -130,3 +130,15 @@ def test_a_finished_stage_is_kept_only_when_the_same_command_wrote_it(tmp_path):
     # other settings are: the folder goes, so the training job does not meet another config's checkpoints
     assert not keep_or_clear(training("tracking.parent_run_id=aaa", "train.max_steps=800"))
     assert not run_dir.exists()
+
+
+def test_the_machine_a_runtime_was_measured_on_is_recorded():
+    import torch
+
+    from ppd_ray.pipelines.demo import machine_facts
+
+    threads = torch.get_num_threads()
+    facts = machine_facts(seconds=0.2)
+    assert facts["logical_cpus"] >= 1 and facts["gflops_one_core"] > 0 and facts["cpu"]
+    assert facts["vector_unit"] in {"AVX-512", "AVX2", "AVX", "SSE", "unknown"}
+    assert torch.get_num_threads() == threads  # measured on one core, the caller's setting restored

@@ -33,12 +33,20 @@ SWEEP = {
 
 def test_results_name_each_runs_beta_and_the_sweep_that_chose_it():
     runs = [
-        {"seed": 0, "preset": "tiny_cpu", "runtime_s": 1700, "beta": {"ppd": 2.0, "dpo": 0.5}, "beta_source": "sweep"},
+        {
+            "seed": 0,
+            "preset": "tiny_cpu",
+            "runtime_s": 1700,
+            "beta": {"ppd": 2.0, "dpo": 0.5},
+            "beta_source": "sweep",
+            "machine": {"cpu": "AMD EPYC", "logical_cpus": 2, "vector_unit": "AVX2", "gflops_one_core": 41.26},
+        },
         {"seed": 1, "preset": "tiny_cpu", "runtime_s": 1750, "beta": {"ppd": 2.0, "dpo": 2.0}, "beta_source": "preset"},
     ]
     text = render_results_markdown(runs, "ppd demo", beta_sweep=SWEEP)
-    assert "| 0 | tiny_cpu | 1700 s | 2 / 0.5 | sweep |" in text
-    assert "| 1 | tiny_cpu | 1750 s | 2 / 2 | preset |" in text
+    # the box each runtime was measured on (runs from before it was recorded: –)
+    assert "| 0 | tiny_cpu | 1700 s | AMD EPYC, 2 CPUs, AVX2, 41 GFLOP/s per core | 2 / 0.5 | sweep |" in text
+    assert "| 1 | tiny_cpu | 1750 s | – | 2 / 2 | preset |" in text
     # the validation scores, the chosen β per method in bold (PPD's best is β = 2, Diffusion-DPO's β = 0.5)
     assert "| PPD | 0.910 | **1.370** | 0.420 |" in text
     assert "| Diffusion-DPO | **0.330** | 0.290 | 0.110 |" in text
