@@ -132,8 +132,13 @@ def _beta_sweep_lines(record: dict | None) -> list[str]:
         f"`ppd sweep beta` ({record['preset']}, seed {record['seed']}, {record['steps']} steps per run, MLflow parent "
         f"run `{record.get('mlflow_parent_run', '–')}`, {record.get('seconds', float('nan')) / 60:.0f} min{kept}): mean "
         f"hidden reward of the one-reward users on validation captions (base {record['base_mean_reward']:.3f}). "
-        f"Chosen per method (bold): {record.get('choice_rule', 'the highest validation mean reward')}; `ppd demo` "
-        "then trains with it on every seed (the table above says which β each run used).",
+        f"Chosen per method (bold): {record.get('choice_rule', 'the highest validation mean reward')}"
+        + (
+            " (applied afterwards to these recorded scores by `ppd sweep beta --choose-only`)"
+            if record.get("rechosen")
+            else ""
+        )
+        + "; `ppd demo` then trains with it on every seed (the table above says which β each run used).",
         "",
         "| method | " + " | ".join(f"β = {b}" for b in betas) + " |",
         "| --- |" + " --- |" * len(betas),

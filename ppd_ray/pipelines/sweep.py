@@ -95,6 +95,7 @@ def rechoose(path: Path, object_rate_margin: float) -> dict:
     record["chosen"] = choose(scores, rates, record["base_object_rate"], object_rate_margin)
     record["choice_rule"] = choice_rule(object_rate_margin)
     record["object_rate_margin"] = object_rate_margin
+    record["rechosen"] = True  # the choice is newer than the scores: RESULTS.md says so
     path.write_text(json.dumps(record, indent=2) + "\n")
     return record
 

@@ -79,7 +79,11 @@ def test_results_name_each_runs_beta_and_the_sweep_that_chose_it():
         "ppd demo",
         beta_sweep={**SWEEP, "object_rates": rates, "base_object_rate": 0.96, "choice_rule": "RULE-TEXT"},
     )
-    assert "Chosen per method (bold): RULE-TEXT" in ruled and "is not chosen, however high its reward" in ruled
+    assert "Chosen per method (bold): RULE-TEXT;" in ruled and "is not chosen, however high its reward" in ruled
+    rechosen = render_results_markdown(
+        runs, "ppd demo", beta_sweep={**SWEEP, "choice_rule": "RULE-TEXT", "rechosen": True}
+    )
+    assert "RULE-TEXT (applied afterwards to these recorded scores by `ppd sweep beta --choose-only`);" in rechosen
 
 
 def test_one_swap_in_five_interpolation_weights_meets_the_spearman_target():

@@ -47,6 +47,7 @@ def test_choose_only_reapplies_the_rule_to_the_recorded_validation_scores(tmp_pa
     assert rechosen["chosen"] == {"ppd": 2.0, "dpo": 2.0}
     on_disk = json.loads(path.read_text())
     assert on_disk["chosen"] == {"ppd": 2.0, "dpo": 2.0} and "object rate" in on_disk["choice_rule"]
+    assert on_disk["rechosen"]
     assert on_disk["scores"] == record["scores"] and on_disk["mlflow_parent_run"] == "f00d"  # nothing else changes
     assert "β=2: 2.250 / 91% *" in format_sweep(on_disk) and "β=0.5: 2.620 / 77%" in format_sweep(on_disk)
     del record["object_rates"]
