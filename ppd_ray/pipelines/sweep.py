@@ -78,10 +78,13 @@ def choose(
     return chosen
 
 
-def choice_rule(object_rate_margin: float) -> str:
-    """The rule as the record names it (RESULTS.md prints it)."""
+def choice_rule(object_rate_margin: float) -> dict:
+    """The rule's fields of the record: its wording (RESULTS.md prints it) and its margin."""
     margin = f" - {object_rate_margin:.0%}" if object_rate_margin else ""
-    return f"highest validation mean reward among β with validation object rate ≥ base's{margin}"
+    return {
+        "choice_rule": f"highest validation mean reward among β with validation object rate ≥ base's{margin}",
+        "object_rate_margin": object_rate_margin,
+    }
 
 
 def rechoose(path: Path, object_rate_margin: float) -> dict:
@@ -93,8 +96,7 @@ def rechoose(path: Path, object_rate_margin: float) -> dict:
     scores = {m: {float(b): v for b, v in by_beta.items()} for m, by_beta in record["scores"].items()}
     rates = {m: {float(b): v for b, v in by_beta.items()} for m, by_beta in record["object_rates"].items()}
     record["chosen"] = choose(scores, rates, record["base_object_rate"], object_rate_margin)
-    record["choice_rule"] = choice_rule(object_rate_margin)
-    record["object_rate_margin"] = object_rate_margin
+    record.update(choice_rule(object_rate_margin))
     record["rechosen"] = True  # the choice is newer than the scores: RESULTS.md says so
     path.write_text(json.dumps(record, indent=2) + "\n")
     return record
@@ -212,8 +214,7 @@ def run_beta_sweep(
         "object_rates": {m: {f"{b:g}": v for b, v in by_beta.items()} for m, by_beta in rates.items()},
         "base_object_rate": base_object_rate,
         "chosen": chosen,
-        "choice_rule": choice_rule(object_rate_margin),
-        "object_rate_margin": object_rate_margin,
+        **choice_rule(object_rate_margin),
         "mlflow_parent_run": parent,
         "seconds": round(time.monotonic() - began, 1),
         # trained by an earlier invocation on this workdir with the same command; `seconds` excludes them

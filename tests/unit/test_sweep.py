@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import shlex
 
+import pytest
+
 from ppd.config import smoke
 from ppd_ray.pipelines.demo import BETA_CHOICE, RESULTS_DIR, demo_jobs, read_beta_choice
 from ppd_ray.pipelines.sweep import choose, format_sweep, rechoose, variant_name
@@ -52,12 +54,8 @@ def test_choose_only_reapplies_the_rule_to_the_recorded_validation_scores(tmp_pa
     assert "β=2: 2.250 / 91% *" in format_sweep(on_disk) and "β=0.5: 2.620 / 77%" in format_sweep(on_disk)
     del record["object_rates"]
     path.write_text(json.dumps(record))
-    try:
+    with pytest.raises(ValueError, match="rerun the sweep"):  # a record without object rates cannot be re-chosen
         rechoose(path, 0.0)
-    except ValueError as err:
-        assert "rerun the sweep" in str(err)
-    else:
-        raise AssertionError("a record without object rates cannot be re-chosen")
 
 
 def _betas_by_title(jobs) -> dict[str, str | None]:
