@@ -63,6 +63,12 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 VLM_CHECK_SHOTS = 1  # pairs in the VLM's group: every image takes the same token layout, so one pair shows it
 VLM_CHECK_TOKENS = 2  # generated tokens
 SAMPLER_STEPS = 2
+# The training step, the sampler and the Serve chain run on Stage C latents of 6 x 6 instead of the real 24 x 24 (the
+# precompute check encodes at the real size): every weight, width, layer and dtype is the real one, and a spatial size
+# changes none of them. Why: on a CPU without native bf16 arithmetic (AVX2; oneDNN's bf16 needs AVX-512) torch takes a
+# reference GEMM for bf16 (~1 GFLOP/s on the backward's layout, against ~75 in float32), and the real size made one
+# training step of the lite Stage C take 9 minutes. The full-size step is traced on the meta device (stage_c).
+CHECK_LATENT_SIDE = 6  # -> Stage B 64 x 64 -> images of 256 px (1024 px at the real 24)
 STAGE_B_STEPS = 1  # the preset decodes with model.decoder_steps (10); one step runs the same code
 # A long Pick-a-Pic caption (the serve limit) and a conservative 3 characters per token for the prompt's text.
 LONG_CAPTION_CHARS = 300
@@ -154,6 +160,7 @@ def check_real(
 # Passed batch checks of this process, by what they depend on: presets that differ only in scale (workers, actors,
 # replicas) share their models and settings, so `--all` runs each distinct batch once. Failures are never reused.
 _DONE: dict[tuple[str, str], tuple[str, str]] = {}
+_ENCODED_PAIRS: dict[tuple[str, str, int], Any] = {}  # the check's pair through an EfficientNet, by (folder, dtype, px)
 _SCALE_ONLY = {
     "train": {"num_workers", "precompute_concurrency", "precompute_batch_size", "storage_path", "max_steps"},
     "embed": {"concurrency", "batch_size"},
@@ -173,6 +180,8 @@ def _memo_key(cfg: PPDConfig, stage: str, stages: tuple[str, ...]) -> str | None
     tree.pop("preset")
     tree.pop("serve")
     tree.pop("tracking")
+    if stage == "embed":  # the VLM's batch reads the embed section and the group size only: the lite and the full
+        tree = {"embed": tree["embed"], "shots": tree["data"]["shots"]}  # Stage C presets share it (~3 min of bf16)
     return json.dumps({"stages": stages, "config": tree}, sort_keys=True)
 
 
@@ -354,7 +363,12 @@ class _Run:
         run_cfg = self.run_cfg()
         model = run_cfg.model
         encoder = load_latent_encoder(model, device="cpu")
-        latents = encode_pairs([self.pair[0]], [self.pair[1]], [1], encoder)
+        # The same EfficientNet (folder, dtype) on the same pair gives the same latents: encoded once per process
+        # (85 s in bf16 on a CPU without native bf16; the lite and the full Stage C presets share the decoder).
+        encoded = (str(model.effnet_path), model.dtype, encoder.image_size)
+        if encoded not in _ENCODED_PAIRS:
+            _ENCODED_PAIRS[encoded] = encode_pairs([self.pair[0]], [self.pair[1]], [1], encoder)
+        latents = _ENCODED_PAIRS[encoded]
         expected = latent_shape(model)
         if not latents.kept.all() or tuple(latents.latents_win.shape[1:]) != expected:
             raise CheckFailed(
@@ -479,10 +493,13 @@ class _Run:
                 f"embedding {row.embedding.dtype} {list(row.embedding.shape)} != float32 [{reduced_layers}, {shape[1]}]"
             )
         images = embedder._decode(group)
-        generation = embedder.generate([group], [images])[0]
+        # The group's prompt ids (tokenised, no second generation: the forward is what reads the layout) + an end.
+        prompt_ids = embedder.inputs.tokenize(embedder.prompts([group]))["input_ids"][0].tolist()
         counts = [anyres_tokens_per_image(embedder.model, *image.size) for image in images]
-        anyres_ids = _expand_placeholders(generation.prompt_ids, embedder.inputs.image_token_id, counts)
-        states = embedder.states_at_final_token([anyres_ids + generation.generated_ids], [images], layout="anyres")
+        anyres_ids = _expand_placeholders(prompt_ids, embedder.inputs.image_token_id, counts)
+        states = embedder.states_at_final_token(
+            [[*anyres_ids, *sorted(embedder.stop_ids)[:1]]], [images], layout="anyres"
+        )
         if states.shape != (1, reduced_layers, shape[1]):
             raise CheckFailed(f"any-res forward gave {list(states.shape)}")
         sizes = "x".join(str(s) for s in images[0].size)
@@ -509,7 +526,11 @@ class _Run:
             raise CheckFailed(f"weights load as {model.base.dtype}, the preset trains in {self.dtype}")
         model.train()
         keep_user = run_cfg.train.model_copy(update={"user_dropout": 0.0})  # so that W'_v must receive a gradient
-        step = training_step(model, self.batch, keep_user, generator=torch.Generator().manual_seed(0))
+        side = CHECK_LATENT_SIDE
+        batch = {  # the precomputed pair, its latents cropped to side x side (see CHECK_LATENT_SIDE)
+            key: value[..., :side, :side] if key.startswith("latents_") else value for key, value in self.batch.items()
+        }
+        step = training_step(model, batch, keep_user, generator=torch.Generator().manual_seed(0))
         step.loss.backward()
         loss = float(step.loss.detach())
         if not math.isfinite(loss):
@@ -533,7 +554,8 @@ class _Run:
         )
         blocks = STAGE_C_PRIOR[run_cfg.model.architecture]["down_num_layers_per_block"]
         return (
-            f"{run_cfg.train.method} step on 1 pair at {list(self.batch['latents_win'].shape[1:])} in {run_cfg.model.dtype}: "
+            f"{run_cfg.train.method} step on 1 pair at {list(batch['latents_win'].shape[1:])} (the precomputed "
+            f"{list(self.batch['latents_win'].shape[1:])} cropped) in {run_cfg.model.dtype}: "
             f"loss {loss:.4f}, gradients on the adapter only; reduced Stage C (width "
             f"{STAGE_C_PRIOR[run_cfg.model.architecture]['block_out_channels'][0]}, blocks ({REDUCED_LAYERS}, "
             f"{REDUCED_LAYERS}) per side instead of {tuple(blocks)}) loaded from {STAGE_C_SUBFOLDER[run_cfg.model.architecture]}/"
@@ -546,13 +568,14 @@ class _Run:
         from ppd.sample import generate_latents
 
         run_cfg = self.run_cfg()
+        reduced = run_cfg.model.model_copy(update={"latent_size": CHECK_LATENT_SIDE})
         hidden, pooled = self.caption_encoder.encode_captions(self.captions)  # [2, 77, C_t], [2, 1, C_t]
         users = torch.randn(2, *self.real_embedding_shape())
         latents = generate_latents(
             self.model,
             hidden,
             pooled,
-            latent_shape=latent_shape(run_cfg.model),
+            latent_shape=latent_shape(reduced),
             generators=row_generators([0, 1]),
             user_embedding=users,
             user_scale=run_cfg.model.user_scale,
@@ -560,11 +583,11 @@ class _Run:
             guidance=run_cfg.eval.guidance,
             unconditional_text=self.caption_encoder.unconditional_text(),
         )
-        if tuple(latents.shape[1:]) != latent_shape(run_cfg.model) or not torch.isfinite(latents).all():
+        if tuple(latents.shape[1:]) != latent_shape(reduced) or not torch.isfinite(latents).all():
             raise CheckFailed(f"sampled latents {list(latents.shape)} (finite: {bool(torch.isfinite(latents).all())})")
         return (
             f"2 users x {SAMPLER_STEPS} steps, guidance {run_cfg.eval.guidance} against the encoded empty caption "
-            f"-> {list(latents.shape[1:])}"
+            f"-> {list(latents.shape[1:])} (latent side {CHECK_LATENT_SIDE} of the real {run_cfg.model.latent_size})"
         )
 
     def serve(self) -> str:
@@ -573,7 +596,9 @@ class _Run:
             update={
                 "serve": run_cfg.serve.model_copy(update={"adapter_dir": str(self.adapter_dir)}),
                 "eval": run_cfg.eval.model_copy(update={"inference_steps": SAMPLER_STEPS}),
-                "model": run_cfg.model.model_copy(update={"decoder_steps": STAGE_B_STEPS}),
+                "model": run_cfg.model.model_copy(
+                    update={"decoder_steps": STAGE_B_STEPS, "latent_size": CHECK_LATENT_SIDE}
+                ),
             }
         )
         user = np.random.default_rng(0).standard_normal(self.real_embedding_shape()).astype(np.float32)
@@ -591,12 +616,14 @@ class _Run:
                 sizes.add(image.size)
                 images.append(np.asarray(image))
         # Stage C -> Stage B (x10.67) -> Stage A (x2 per level)
-        side = int(run_cfg.model.latent_size * STAGE_C_TO_STAGE_B_SCALE) * 2 ** STAGE_A_VQGAN["levels"]
+        side = int(CHECK_LATENT_SIDE * STAGE_C_TO_STAGE_B_SCALE) * 2 ** STAGE_A_VQGAN["levels"]
+        real_side = int(run_cfg.model.latent_size * STAGE_C_TO_STAGE_B_SCALE) * 2 ** STAGE_A_VQGAN["levels"]
         if sizes != {(side, side)}:
             raise CheckFailed(f"the generator made images of {sorted(sizes)}, expected {side} x {side}")
         self.images = np.stack(images)  # [2, H, W, 3]
         return (
-            f"a user and the base in one batch ({SAMPLER_STEPS} steps) -> {len(images)} PNGs of {side} px through "
+            f"a user and the base in one batch ({SAMPLER_STEPS} steps) -> {len(images)} PNGs of {side} px (Stage C "
+            f"latent side {CHECK_LATENT_SIDE}; {real_side} px at the real {run_cfg.model.latent_size}) through "
             f"Stage B ({REDUCED_LAYERS} block per level, {STAGE_B_STEPS} of {run_cfg.model.decoder_steps} steps) and "
             f"Stage A ({REDUCED_LAYERS} of 12 bottleneck blocks)"
         )

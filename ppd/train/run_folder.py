@@ -1,8 +1,8 @@
 """A training run's folder: the record (MLflow run id, config digest) that lets a re-run continue the same run.
 
 A re-run in the same folder resumes its checkpoints, so it must train the same config; only where it logs, how
-often it may fail, and how long it trains (a larger max_steps / epochs continues from the last checkpoint) may
-change.
+often it may fail, how long it trains (a larger max_steps / epochs continues from the last checkpoint) and where the
+tiny models are cached may change.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from typing import Any
 from ppd.config import PPDConfig
 
 RUN_RECORD = "run.json"
-CONTINUABLE_FIELDS = ("tracking.", "train.max_failures", "train.max_steps", "train.epochs")
+# model.cache_dir is where the tiny models are cached, made absolute against the job's working directory: a Ray job's
+# copy of the repository moves whenever its files change, and a demo resumed after an edit must still continue.
+CONTINUABLE_FIELDS = ("tracking.", "train.max_failures", "train.max_steps", "train.epochs", "model.cache_dir")
 
 
 class OtherRunInFolder(ValueError):
