@@ -17,6 +17,7 @@ through each job's code path, in the preset's dtype:
     train       the training step (PPD loss) + backward on the reduced Stage C: finite loss, adapter-only gradients
     sample      the sampler with text guidance against the encoded empty caption
     serve       the Serve generator's code path (Stage C + adapter checkpoint + Stage B + Stage A) -> PNGs
+                (train, sample and serve on 6 x 6 Stage C latents: CHECK_LATENT_SIDE says why)
     evaluate    every configured image reward on those images
 
 What is reduced is printed with each line. The Serve step is passed in by the caller (`ppd_ray/serving/` imports Ray, which
