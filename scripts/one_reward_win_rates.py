@@ -4,9 +4,10 @@ with other training seeds; numbers for docs/results_investigation.md).
 
     python scripts/one_reward_win_rates.py runs/demo runs/demo/runs/ppd/adapter /tmp/ppd-seed1/adapter
 
-For each adapter and each one-reward user (one-hot embedding), the share of requests where the user's image has more
-of each attribute than the base's image of the same caption and seed (ties count as losses). With the demo's own PPD
-adapter this gives the win rates of its RESULTS.md (same requests, same sampler).
+For each adapter and each one-reward user (its one-hot embedding, as the evaluation builds it), the share of requests
+where the user's image has more of each attribute than the base's image of the same caption and seed (`win_outcomes`
+on raw attribute values, exact ties only: the evaluation's tie tolerance is on its z-scores, another scale). With the
+demo's own PPD adapter this gives the win rates of its RESULTS.md.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import torch
 
 from ppd.config import ATTRIBUTES, load_config
 from ppd.data.toyworld import measure_attributes
-from ppd.embed.onehot import one_hot_embedding, one_hot_index
 from ppd.eval.generate import VariantGenerator
+from ppd.eval.stats import win_outcomes
+from ppd.eval.toy_experiments import OneRewardUsers
 
 
 def main() -> None:
@@ -36,20 +38,20 @@ def main() -> None:
     scores = pd.read_parquet(args.workdir / "eval" / "scores.parquet")
     requests = scores[(scores.experiment == "one_reward") & (scores.variant == "base")]
     captions, seeds = requests.caption.tolist(), [int(s) for s in requests.seed]
-    # reward -> its one-reward user, as the toy world wrote it (the demo's one-hot index is over the same users)
-    manifest = json.loads((args.workdir / "toy" / "manifest.json").read_text())
-    attribute_of = {int(user): attribute for attribute, user in manifest["one_reward_users"].items()}
-    users = sorted(attribute_of)
-    index = one_hot_index(users)
+    # reward -> its one-reward user, as the toy world wrote it
+    user_of = json.loads((args.workdir / "toy" / "manifest.json").read_text())["one_reward_users"]
+    users = OneRewardUsers([int(user_of[attribute]) for attribute in ATTRIBUTES])
     base = measure_attributes(VariantGenerator(cfg, None, device="cpu").generate(captions, seeds))
     table = {}
     for adapter in args.adapters:
         generator = VariantGenerator(cfg, adapter, device="cpu")
         rows = {}
-        for user in users:
-            embedding = np.repeat(one_hot_embedding(index, {user: 1.0})[None], len(captions), axis=0)  # [B, 1, K]
+        for attribute, user in zip(ATTRIBUTES, users.user_ids, strict=True):
+            embedding = np.repeat(users.one_hot({user: 1.0})[None], len(captions), axis=0)  # [B, 1, K]
             drawn = measure_attributes(generator.generate(captions, seeds, embedding))
-            rows[attribute_of[user]] = {a: round(float((drawn[a] > base[a]).mean()), 2) for a in ATTRIBUTES}
+            rows[attribute] = {
+                a: round(float(win_outcomes(drawn[a], base[a], tie_tolerance=0.0).mean()), 2) for a in ATTRIBUTES
+            }
         table[str(adapter)] = rows
         own = ", ".join(f"{a} {rows[a][a]:.2f}" for a in ATTRIBUTES)
         print(f"{adapter}: each user's win rate on its own attribute: {own}")
