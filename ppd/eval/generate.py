@@ -133,6 +133,34 @@ def user_grid(generator: VariantGenerator, captions: list[str], users: dict[str,
     return image_grid(list(rows.values()), list(rows), captions, path)
 
 
+def distinct_images(requests: Sequence[dict]) -> tuple[list[dict], list[int]]:
+    """Generation requests that draw the same image, made once.
+
+    A row's image is a function of its variant, caption, seed and user embedding alone (one noise generator per row:
+    `ppd.sample`; the batch it shares changes at most a pixel's grey level through CPU kernels' rounding), so two
+    requests that agree on those ask for the same image; the evaluation makes many such
+    pairs (the base's image of a held-out caption is wanted once per population user who holds that caption: 742
+    requests, 56 distinct images, in the demo's evaluation). Returns the first request of each distinct image, in
+    order, and, for every request, the `request_id` of the request whose image it gets."""
+    first: dict[tuple, int] = {}
+    distinct: list[dict] = []
+    sources: list[int] = []
+    for request in requests:
+        embedding, shape = request.get("embedding"), request.get("embedding_shape")
+        key = (
+            request["variant"],
+            request["caption"],
+            int(request["seed"]),
+            None if embedding is None else np.asarray(embedding, dtype=np.float32).tobytes(),
+            None if shape is None else tuple(int(n) for n in shape),
+        )
+        if key not in first:
+            first[key] = int(request["request_id"])
+            distinct.append(request)
+        sources.append(first[key])
+    return distinct, sources
+
+
 class GenerationStage:
     """A batch stage (a Ray Data actor in the evaluate and sweep jobs): request rows -> PNG images + image rewards.
 

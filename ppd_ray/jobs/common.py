@@ -104,7 +104,7 @@ def generate_images(cfg: PPDConfig, requests: list[dict], adapters: dict[str, st
     import pandas as pd
     import ray
 
-    from ppd.eval.generate import GenerationStage
+    from ppd.eval.generate import GenerationStage, distinct_images
 
     init_ray()
     actors = cfg.eval.concurrency
@@ -114,8 +114,11 @@ def generate_images(cfg: PPDConfig, requests: list[dict], adapters: dict[str, st
         if actors > cpus:
             logger.info(f"eval.concurrency={actors}: this cluster has {cpus} CPU(s), generating on {cpus} actor(s)")
             actors = cpus
+    distinct, sources = distinct_images(requests)
+    if len(distinct) < len(requests):
+        logger.info(f"{len(requests)} images requested, {len(distinct)} distinct: each drawn once")
     generated = (
-        ray.data.from_items(requests)
+        ray.data.from_items(distinct)
         .map_batches(
             GenerationStage,
             batch_size=cfg.eval.batch_size,
@@ -126,4 +129,8 @@ def generate_images(cfg: PPDConfig, requests: list[dict], adapters: dict[str, st
         )
         .to_pandas()
     )
-    return pd.DataFrame(requests).merge(generated, on="request_id").sort_values("request_id").reset_index(drop=True)
+    # Every request gets the image (and image rewards) of the distinct request that drew it.
+    frame = pd.DataFrame(requests).assign(_drawn_by=sources)
+    generated = generated.rename(columns={"request_id": "_drawn_by"})
+    frame = frame.merge(generated, on="_drawn_by").drop(columns="_drawn_by")
+    return frame.sort_values("request_id").reset_index(drop=True)

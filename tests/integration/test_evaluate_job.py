@@ -1,6 +1,7 @@
 """The evaluate job end to end on the smoke toy world, with adapters whose behaviour is known."""
 
 import json
+import logging
 import math
 
 import pytest
@@ -106,3 +107,43 @@ def test_validate_scores_adapters_on_validation_captions_only(
     validation = set(read_split(one_reward_prepared, "validation", ["caption"])["caption"])
     test = set(read_split(one_reward_prepared, "test_seen", ["caption"])["caption"])
     assert validation and not validation & test
+
+
+def test_generation_draws_a_repeated_request_once_and_gives_every_request_its_image(
+    ray_local, smoke_config, tmp_path, caplog
+):
+    from ppd_ray.jobs.common import generate_images
+
+    cfg = smoke_config.with_overrides(["eval.inference_steps=2"])
+    adapters = {"sft": _adapter(cfg, tmp_path / "sft", "sft", 0.5)}
+    user = [1.0, 0.0, 0.0, 0.0, 0.0]
+
+    def request(request_id, variant, seed, embedding=None):
+        shape = None if embedding is None else [1, len(ATTRIBUTES)]
+        return dict(
+            request_id=request_id,
+            variant=variant,
+            caption="a picture of a teal ring",
+            seed=seed,
+            embedding=embedding,
+            embedding_shape=shape,
+            user_id=request_id,
+        )
+
+    requests = [
+        request(0, "base", 1),
+        request(1, "base", 2),
+        request(2, "base", 1),  # 0's image, asked for another user
+        request(3, "sft", 1, user),
+        request(4, "sft", 1, user),  # 3's image
+        request(5, "sft", 1, [0.0, 1.0, 0.0, 0.0, 0.0]),
+    ]
+    with caplog.at_level(logging.INFO, logger="ppd_ray.jobs.common"):
+        frame = generate_images(cfg, requests, adapters)
+    assert "6 images requested, 4 distinct" in caplog.text
+    assert frame["request_id"].tolist() == list(range(6)) and frame["user_id"].tolist() == list(range(6))
+    png = frame["png"].tolist()
+    assert png[2] == png[0] and png[4] == png[3]
+    assert len({png[0], png[1], png[3], png[5]}) == 4  # another seed, model or user: another image
+    reward_columns = [c for c in frame.columns if c.startswith("image_reward.")]
+    assert frame.loc[2, reward_columns].tolist() == frame.loc[0, reward_columns].tolist()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ppd.config import load_config
-from ppd.eval.generate import VariantGenerator, user_grid, user_grid_rows
+from ppd.eval.generate import VariantGenerator, distinct_images, user_grid, user_grid_rows
 from ppd.models.factory import save_random_adapter
 
 CAPTIONS = ["a picture of a teal ring", "a picture of a red cross"]
@@ -106,3 +106,41 @@ def test_a_bounded_caption_cache_drops_the_least_recently_used_caption(cfg) -> N
     expected_hidden, expected_pooled = VariantGenerator(cfg, None).encode_captions([c, a, b, c])
     assert hidden.shape == expected_hidden.shape and pooled.shape == expected_pooled.shape
     assert torch.allclose(hidden, expected_hidden, atol=1e-5) and torch.allclose(pooled, expected_pooled, atol=1e-5)
+
+
+def test_requests_for_the_same_image_are_drawn_once() -> None:
+    def request(request_id, variant="ppd", caption=CAPTIONS[0], seed=3, embedding=(1.0, 0.0), shape=(1, 2)):
+        return {
+            "request_id": request_id,
+            "variant": variant,
+            "caption": caption,
+            "seed": seed,
+            "embedding": None if embedding is None else list(embedding),
+            "embedding_shape": None if shape is None else list(shape),
+            "user_id": request_id,  # bookkeeping columns do not change the image
+        }
+
+    requests = [
+        request(10),
+        request(11),  # the same image as 10 for another user
+        request(12, variant="sft"),
+        request(13, caption=CAPTIONS[1]),
+        request(14, seed=4),
+        request(15, embedding=(0.0, 1.0)),
+        request(16, shape=(2, 1)),  # the same numbers read as another [L, d]
+        request(17, variant="base", embedding=None, shape=None),
+        request(18, variant="base", embedding=None, shape=None),
+        request(19, embedding=np.array([1.0, 0.0], np.float32)),  # as an array: still the same image as 10
+    ]
+    distinct, sources = distinct_images(requests)
+    assert [r["request_id"] for r in distinct] == [10, 12, 13, 14, 15, 16, 17]
+    assert sources == [10, 10, 12, 13, 14, 15, 16, 17, 17, 10]
+
+
+def test_a_rows_image_does_not_depend_on_the_rows_beside_it(generators) -> None:
+    # What drawing a repeated request once relies on: the first row's image, alone or beside other rows.
+    users = _users(3)
+    alone = generators["ppd"].generate(CAPTIONS[:1], SEEDS[:1], users[:1])
+    beside = generators["ppd"].generate([CAPTIONS[0], CAPTIONS[1], CAPTIONS[0]], [SEEDS[0], SEEDS[1], 9], users)
+    assert np.abs(alone[0].astype(int) - beside[0].astype(int)).max() <= 1  # one grey level: CPU kernels' rounding
+    assert np.abs(beside[0].astype(int) - beside[2].astype(int)).max() > 1  # another seed and user: another image
