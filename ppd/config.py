@@ -142,6 +142,10 @@ class TrainConfig(_Section):
 
     method: Literal["ppd", "dpo", "sft"] = "ppd"
     lr: float = Field(1e-5, gt=0, description="AdamW learning rate (paper: 1e-5 synthetic users, 3e-6 real users)")
+    # Tried at 10 on the toy world (tiny_cpu): lower validation reward, fewer objects (docs/results_investigation.md).
+    user_projection_lr_scale: float = Field(
+        1.0, gt=0, description="the user-token projection's learning rate is lr times this (W'_k, W'_v: lr)"
+    )
     weight_decay: float = Field(0.0, ge=0)
     beta: float = Field(2.0, gt=0, description="DPO beta; beta * timesteps plays the role of Diffusion-DPO's beta_dpo")
     timesteps: int = Field(1000, ge=1, description="T in -log sigmoid(-beta * T * w * delta)")

@@ -274,6 +274,16 @@ class PersonalizedStageC(nn.Module):
         """The adapter's parameters (everything else is frozen)."""
         return [p for p in self.adapter.parameters() if p.requires_grad]
 
+    def optimizer_groups(self, lr: float, projection_lr_scale: float = 1.0) -> list[dict]:
+        """The adapter's parameters as optimiser groups: the user-token projection at `lr x projection_lr_scale`,
+        W'_k and W'_v of every block at `lr` (one group when the scale is 1)."""
+        if projection_lr_scale == 1.0:
+            return [{"params": self.trainable_parameters(), "lr": lr}]
+        projection = [p for p in self.adapter.projection.parameters() if p.requires_grad]
+        in_projection = {id(p) for p in projection}
+        key_value = [p for p in self.trainable_parameters() if id(p) not in in_projection]
+        return [{"params": key_value, "lr": lr}, {"params": projection, "lr": lr * projection_lr_scale}]
+
     def forward(
         self,
         sample: torch.Tensor,

@@ -81,7 +81,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     inputs = PrecomputedInputs(job.precomputed)
     torch.manual_seed(cfg.train.seed)  # adapter init: identical on every rank and every attempt
     model = build_personalized_stage_c(cfg.model, inputs.manifest.embedding_shape, device)
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    groups = model.optimizer_groups(cfg.train.lr, cfg.train.user_projection_lr_scale)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg.train))
     tracker = RunLogger(job.tracking_uri, job.run_id) if rank == 0 else None
     _Worker(engine, cfg, job, inputs, rank, device, tracker).run()

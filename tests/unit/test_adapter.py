@@ -255,3 +255,27 @@ def test_checkpoint_loader_refuses_anything_else(tmp_path) -> None:
         load_adapter(eight_tokens, ckpt)
     with pytest.raises(AdapterCheckpointError, match="trained on"):
         load_adapter(model, ckpt, architecture="stage_c_lite")
+
+
+def test_the_user_projection_can_learn_faster_than_the_key_values() -> None:
+    def first_step(scale: float) -> dict[str, torch.Tensor]:
+        model, _ = _model(seed=3)
+        _randomise_values(model)  # non-zero W'_v: the projection gets a gradient from the first step on
+        before = {name: p.detach().clone() for name, p in model.adapter.named_parameters()}
+        optimizer = torch.optim.Adam(model.optimizer_groups(1e-3, scale))
+        inputs = _inputs()
+        model(**inputs, user_embedding=torch.randn(3, *EMBEDDING_SHAPE)).square().mean().backward()
+        optimizer.step()
+        return {name: (p.detach() - before[name]).abs().max() for name, p in model.adapter.named_parameters()}
+
+    model = _model()[0]
+    assert len(model.optimizer_groups(1e-3, 1.0)) == 1
+    grouped = [set(map(id, g["params"])) for g in model.optimizer_groups(1e-3, 4.0)]
+    assert len(grouped) == 2 and not grouped[0] & grouped[1]
+    assert grouped[0] | grouped[1] == set(map(id, model.trainable_parameters()))
+    plain, faster = first_step(1.0), first_step(4.0)
+    # Adam's first step moves every parameter with a gradient by ~lr: 4x as far in the projection, as far elsewhere
+    for name in plain:
+        ratio = float(faster[name] / plain[name]) if plain[name] > 0 else 1.0
+        expected = 4.0 if name.startswith("projection.") else 1.0
+        assert ratio == pytest.approx(expected, rel=1e-3), name
