@@ -138,10 +138,10 @@ def distinct_images(requests: Sequence[dict]) -> tuple[list[dict], list[int]]:
 
     A row's image is a function of its variant, caption, seed and user embedding alone (one noise generator per row:
     `ppd.sample`; the batch it shares changes at most a pixel's grey level through CPU kernels' rounding), so two
-    requests that agree on those ask for the same image; the evaluation makes many such
-    pairs (the base's image of a held-out caption is wanted once per population user who holds that caption: 742
-    requests, 56 distinct images, in the demo's evaluation). Returns the first request of each distinct image, in
-    order, and, for every request, the `request_id` of the request whose image it gets."""
+    requests that agree on those ask for the same image. The evaluation repeats many (the base's image of a held-out
+    caption is wanted once per population user who holds that caption: 742 requests, 56 distinct images, in the
+    demo's evaluation). Returns the first request of each distinct image, in order, and, for every request, the
+    `request_id` of the request whose image it gets."""
     first: dict[tuple, int] = {}
     distinct: list[dict] = []
     sources: list[int] = []
