@@ -276,7 +276,8 @@ class PersonalizedStageC(nn.Module):
 
     def optimizer_groups(self, lr: float, projection_lr_scale: float = 1.0) -> list[dict]:
         """The adapter's parameters as optimiser groups: the user-token projection at `lr x projection_lr_scale`,
-        W'_k and W'_v of every block at `lr` (one group when the scale is 1)."""
+        W'_k and W'_v of every block at `lr` (one group when the scale is 1: the optimiser state's layout of every
+        checkpoint written before the option existed, so those runs still resume)."""
         if projection_lr_scale == 1.0:
             return [{"params": self.trainable_parameters(), "lr": lr}]
         projection = [p for p in self.adapter.projection.parameters() if p.requires_grad]

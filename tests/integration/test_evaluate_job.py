@@ -1,7 +1,6 @@
 """The evaluate job end to end on the smoke toy world, with adapters whose behaviour is known."""
 
 import json
-import logging
 import math
 
 import pytest
@@ -109,7 +108,9 @@ def test_validate_scores_adapters_on_validation_captions_only(
     assert validation and not validation & test
 
 
-def test_generation_draws_a_repeated_request_once_and_gives_every_request_its_image(ray_local, smoke_config, tmp_path):
+def test_generation_draws_a_repeated_request_once_and_gives_every_request_its_image(
+    ray_local, smoke_config, tmp_path, capsys
+):
     from ppd_ray.jobs.common import generate_images
 
     cfg = smoke_config.with_overrides(["eval.inference_steps=2"])
@@ -136,19 +137,8 @@ def test_generation_draws_a_repeated_request_once_and_gives_every_request_its_im
         request(4, "sft", 1, user),  # 3's image
         request(5, "sft", 1, [0.0, 1.0, 0.0, 0.0, 0.0]),
     ]
-    # The job's own logger (`setup_logging` stops it propagating to pytest's root handler once a job ran here).
-    messages: list[str] = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = lambda record: messages.append(record.getMessage())
-    job_logger = logging.getLogger("ppd_ray.jobs.common")
-    job_logger.addHandler(handler)
-    level, job_logger.level = job_logger.level, logging.INFO
-    try:
-        frame = generate_images(cfg, requests, adapters)
-    finally:
-        job_logger.removeHandler(handler)
-        job_logger.setLevel(level)
-    assert "6 images requested, 4 distinct: each drawn once" in messages
+    frame = generate_images(cfg, requests, adapters)
+    assert "6 images requested, 4 distinct: each drawn once" in capsys.readouterr().err  # the job's progress line
     assert frame["request_id"].tolist() == list(range(6)) and frame["user_id"].tolist() == list(range(6))
     png = frame["png"].tolist()
     assert png[2] == png[0] and png[4] == png[3]
