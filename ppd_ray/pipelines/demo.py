@@ -17,7 +17,8 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -408,48 +409,55 @@ def run_demo(
         raise JobError(f"{BASE_MODEL_DIR} is missing: run `ppd toy pretrain-base --out {BASE_MODEL_DIR}`")
     workdir = workdir.resolve()
     world = workdir / "toy"
-    if resume and (world / "manifest.json").is_file():
-        logger.info(f"== toy world: kept {world} (--resume)")
-    else:
-        logger.info(f"== toy world ({cfg.preset}, seed {seed}) -> {world}")
-        generate_world(cfg, world, seed)
-    betas = read_beta_choice(out_dir, cfg.preset)
-    logger.info(
-        f"β from {out_dir / RESULTS_DIR / BETA_CHOICE} (chosen on validation): {betas}"
-        if betas
-        else f"β of the preset ({cfg.train.beta:g}): no `ppd sweep beta` choice for preset {cfg.preset} in {out_dir}"
-    )
-    jobs = demo_jobs(cfg, workdir, overrides, seed, world, betas)
-    if not resume:
-        clear_earlier_outputs(jobs)
-    (workdir / "adapters.json").write_text(json.dumps(jobs.adapters, indent=1) + "\n")
-    (workdir / "jobs.sh").write_text(
-        "# The demo's jobs; each line can be run with `ray job submit --address ... --working-dir . -- <line>`\n"
-        + "\n".join(stage.entrypoint for stage in jobs.stages)
-        + "\n"
-    )
-    logger.info(f"{len(jobs.stages)} jobs planned (commands in {workdir / 'jobs.sh'})")
-    # Seconds per finished stage, so that a resumed run still reports the whole run's time (an upper bound when
-    # the kept stages had run side by side: their seconds add up, their wall time overlapped).
-    timings_path = workdir / TIMINGS_FILE
-    timings: dict[str, float] = json.loads(timings_path.read_text()) if resume and timings_path.is_file() else {}
-    kept_seconds = 0.0
-    total = len(jobs.stages)
-    timings_lock = threading.Lock()
-
-    def run_stage(index: int, stage: DemoStage, cluster, env: dict[str, str]) -> None:
-        started = time.monotonic()
-        logger.info(f"== [{index}/{total}] {stage.title}")
-        outcome = cluster.submit_and_wait(
-            stage.entrypoint, working_dir=REPO_ROOT, env_vars=env, on_log=partial(job_line, index=index)
+    world_ready: Future | None = None
+    # The toy world is drawn on one core while the MLflow server and the Ray head start beside it (they were ~13 s
+    # of an otherwise idle second core).
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="toy-world") as world_pool, ExitStack() as services:
+        if resume and (world / "manifest.json").is_file():
+            logger.info(f"== toy world: kept {world} (--resume)")
+        else:
+            logger.info(f"== toy world ({cfg.preset}, seed {seed}) -> {world}")
+            world_ready = world_pool.submit(generate_world, cfg, world, seed)
+        uri = services.enter_context(tracking_uri(cfg.tracking.uri, workdir / "mlflow"))
+        cluster = services.enter_context(local_head())
+        if world_ready is not None:
+            world_ready.result()
+        betas = read_beta_choice(out_dir, cfg.preset)
+        logger.info(
+            f"β from {out_dir / RESULTS_DIR / BETA_CHOICE} (chosen on validation): {betas}"
+            if betas
+            else f"β of the preset ({cfg.train.beta:g}): no `ppd sweep beta` choice for preset {cfg.preset} in {out_dir}"
         )
-        with timings_lock:
-            timings[stage.title] = round(time.monotonic() - started, 1)
-            timings_path.write_text(json.dumps(timings, indent=1) + "\n")
-        record_finished(stage)
-        logger.info(f"   [{index}/{total}] done in {timings[stage.title]:.0f}s ({outcome.job_id})")
+        jobs = demo_jobs(cfg, workdir, overrides, seed, world, betas)
+        if not resume:
+            clear_earlier_outputs(jobs)
+        (workdir / "adapters.json").write_text(json.dumps(jobs.adapters, indent=1) + "\n")
+        (workdir / "jobs.sh").write_text(
+            "# The demo's jobs; each line can be run with `ray job submit --address ... --working-dir . -- <line>`\n"
+            + "\n".join(stage.entrypoint for stage in jobs.stages)
+            + "\n"
+        )
+        logger.info(f"{len(jobs.stages)} jobs planned (commands in {workdir / 'jobs.sh'})")
+        # Seconds per finished stage, so that a resumed run still reports the whole run's time (an upper bound when
+        # the kept stages had run side by side: their seconds add up, their wall time overlapped).
+        timings_path = workdir / TIMINGS_FILE
+        timings: dict[str, float] = json.loads(timings_path.read_text()) if resume and timings_path.is_file() else {}
+        kept_seconds = 0.0
+        total = len(jobs.stages)
+        timings_lock = threading.Lock()
 
-    with tracking_uri(cfg.tracking.uri, workdir / "mlflow") as uri, local_head() as cluster:
+        def run_stage(index: int, stage: DemoStage, cluster, env: dict[str, str]) -> None:
+            started = time.monotonic()
+            logger.info(f"== [{index}/{total}] {stage.title}")
+            outcome = cluster.submit_and_wait(
+                stage.entrypoint, working_dir=REPO_ROOT, env_vars=env, on_log=partial(job_line, index=index)
+            )
+            with timings_lock:
+                timings[stage.title] = round(time.monotonic() - started, 1)
+                timings_path.write_text(json.dumps(timings, indent=1) + "\n")
+            record_finished(stage)
+            logger.info(f"   [{index}/{total}] done in {timings[stage.title]:.0f}s ({outcome.job_id})")
+
         env = {"MLFLOW_TRACKING_URI": uri}
         pending: list[tuple[int, DemoStage]] = []
         for index, stage in enumerate(jobs.stages, 1):

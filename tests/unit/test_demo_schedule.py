@@ -142,3 +142,44 @@ def test_the_machine_a_runtime_was_measured_on_is_recorded():
     assert facts["logical_cpus"] >= 1 and facts["gflops_one_core"] > 0 and facts["cpu"]
     assert facts["vector_unit"] in {"AVX-512", "AVX2", "AVX", "SSE", "unknown"}
     assert torch.get_num_threads() == threads  # measured on one core, the caller's setting restored
+
+
+def test_the_toy_world_is_drawn_while_the_services_start_and_its_failure_stops_them(tmp_path, monkeypatch):
+    """The Ray head and the MLflow server start beside the toy world's generation; a world that cannot be drawn
+    is reported as itself, and both services are stopped again."""
+    from contextlib import contextmanager
+
+    import ppd_ray.infra.local_cluster as local_cluster
+    import ppd_ray.infra.mlflow_server as mlflow_server
+    from ppd_ray.pipelines.demo import run_demo
+
+    events: list[tuple[str, float]] = []
+    began = time.monotonic()
+
+    def note(event: str) -> None:
+        events.append((event, time.monotonic() - began))
+
+    @contextmanager
+    def service(name: str):
+        note(f"{name} starting")
+        time.sleep(0.3)
+        note(f"{name} up")
+        try:
+            yield name
+        finally:
+            note(f"{name} stopped")
+
+    monkeypatch.setattr(mlflow_server, "tracking_uri", lambda configured, root: service("mlflow"))
+    monkeypatch.setattr(local_cluster, "local_head", lambda: service("head"))
+
+    def generate_world(cfg, world, seed) -> None:
+        note("world started")
+        time.sleep(0.5)
+        raise ValueError("the toy world cannot be drawn")
+
+    with pytest.raises(ValueError, match="cannot be drawn"):
+        run_demo(smoke(), tmp_path / "work", tmp_path / "out", [], 0, "ppd demo", generate_world)
+    at = dict(events)
+    assert at["world started"] < at["mlflow up"]  # drawn while the services start, not before them
+    assert {"mlflow stopped", "head stopped"} <= set(at)
+    assert not (tmp_path / "work" / "jobs.sh").exists()  # no job was planned
