@@ -21,6 +21,12 @@ from ppd.eval.generate import VariantGenerator
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def cell(entry: dict, percent: bool) -> str:
+    """A gate entry as a table cell, bold where its bound is missed."""
+    value = f"{entry['value']:.0%}" if percent else f"{entry['value']:.3f}"
+    return value if entry["met"] else f"**{value}**"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("guidance", type=float, nargs="+", help="guidance scales to measure (the demo uses 4)")
@@ -40,11 +46,6 @@ def main() -> None:
         generator = VariantGenerator(cfg, None)
         grid = None if args.grids is None else args.grids / f"guidance{guidance:g}_seed{args.seed}.png"
         gate = measure_base(generator.generate, cfg.data.toy.image_size, args.samples, args.seed, grid_path=grid)
-
-        def cell(entry: dict, percent: bool) -> str:
-            value = f"{entry['value']:.0%}" if percent else f"{entry['value']:.3f}"
-            return value if entry["met"] else f"**{value}**"
-
         row = [f"{guidance:g}", *(cell(gate[m], True) for m in ("object_present", "colour_match", "shape_match"))]
         row += [cell(gate["ks"][a], False) for a in ATTRIBUTES]
         print("| " + " | ".join(row) + " |", flush=True)
