@@ -4,8 +4,9 @@ A cheap, strong baseline beside the VLM (DESIGN.md section 3): no generation, on
 a CLIP vision tower with its projection (`CLIPVisionModelWithProjection.image_embeds`, L2-normalised, as CLIP
 compares images): the real one on real data (`embed.image_encoder_path`, e.g. openai/clip-vit-large-patch14), a tiny
 one with random weights from a fixed seed on the toy world, built once and loaded through the same
-`from_pretrained(path)`. A random vision transformer is a random-feature map of the pixels: enough to tell apart
-brighter from darker, more from less saturated, centred from off-centre images, which is what toy users differ on.
+`from_pretrained(path)`. A random vision transformer is a random-feature map of the pixels: on the toy world's
+population a linear read-out of one pair's token recovers its difference in brightness and warmth (R² ~0.9),
+saturation and size in part (~0.5 / ~0.35), centredness not at all (`scripts/population_diagnostics.py`).
 
 The embedder reads only images and the user's choices, never the toy world's hidden rewards. The embedding is
 float32 [N, d] with N = pairs in the group (L = N in the row contract; `layers` is empty). The pairs of a group are
