@@ -82,8 +82,24 @@ def init_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):  # submitted with `ray job submit`, or pointed at a running head
         start_or_connect(logging_level="WARNING")
     else:
-        start_or_connect(include_dashboard=False, logging_level="WARNING")
+        # A job run on its own starts a local Ray for itself, without the dashboard (seconds of start-up saved).
+        start_or_connect(
+            include_dashboard=False,
+            logging_level="WARNING",
+            runtime_env={"worker_process_setup_hook": f"{__name__}.{quiet_train_cleaner.__name__}"},
+        )
     quiet_ray_data_console()
+
+
+# Ray Train's detached placement-group cleaner asks the state API, which lives in the dashboard, every second whether
+# the train controller still runs, and warns on every failed ask: without a dashboard, once a second for the whole
+# run. Its one duty (removing the placement group of a controller that died) is moot on a Ray that ends with the job.
+_TRAIN_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_train_cleaner() -> None:
+    """Worker-process setup hook of a job's own local Ray: the cleaner's warnings off (errors still show)."""
+    logging.getLogger(_TRAIN_CLEANER_LOGGER).setLevel(logging.ERROR)
 
 
 def quiet_ray_data_console() -> None:
