@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +12,11 @@ from cachetools import LRUCache
 
 from ppd.config import PPDConfig
 from ppd.data.images import png_bytes
+from ppd.errors import InputDataError
 from ppd.eval.image_rewards import load_image_rewards, score_images
 from ppd.eval.report import image_grid
 from ppd.eval.rewards import to_uint8_images
-from ppd.models.checkpoint import load_adapter, read_adapter_checkpoint
+from ppd.models.checkpoint import load_adapter, read_adapter_checkpoint, read_adapter_meta
 from ppd.models.factory import build_personalized_stage_c, latent_shape, load_caption_encoder, load_decoder
 from ppd.sample import generate_images
 from ppd.train.step import population_user_embedding
@@ -131,6 +132,35 @@ def user_grid(generator: VariantGenerator, captions: list[str], users: dict[str,
     """`user_grid_rows` drawn as a labelled grid (`ppd.eval.report.image_grid`) saved to `path`."""
     rows = user_grid_rows(generator, captions, users)
     return image_grid(list(rows.values()), list(rows), captions, path)
+
+
+def check_user_embeddings(requests: Sequence[dict], adapters: Mapping[str, str | Path]) -> None:
+    """Before any image is drawn: every request of a ppd / sft variant carries a user embedding of the shape its
+    adapter reads (a dpo adapter reads none: it conditions on its one population user; the base on none).
+
+    An adapter evaluated on embeddings of another embedder than the one it was trained with would otherwise stop the
+    evaluation in a generation worker, after its model loads, with a stack trace."""
+    wanted: dict[str, tuple[tuple[int, int], str]] = {}
+    for variant, folder in adapters.items():
+        meta = read_adapter_meta(folder)
+        if meta.train_method in ("ppd", "sft"):
+            wanted[variant] = (meta.embedding_shape, meta.train_method)
+    carried: dict[str, set] = {}
+    for request in requests:
+        if request["variant"] in wanted:
+            shape = request.get("embedding_shape")
+            carried.setdefault(request["variant"], set()).add(None if shape is None else tuple(int(n) for n in shape))
+    for variant, shapes in carried.items():
+        expected, method = wanted[variant]
+        wrong = shapes - {expected}
+        if not wrong:
+            continue
+        found = ", ".join("none" if s is None else str(list(s)) for s in sorted(wrong, key=str))
+        raise InputDataError(
+            f"variant {variant!r}: its {method} adapter ({adapters[variant]}) reads user embeddings "
+            f"{list(expected)} [L, d], the requests carry {found}: embeddings of another embedder than the one it "
+            "was trained with?"
+        )
 
 
 def distinct_images(requests: Sequence[dict]) -> tuple[list[dict], list[int]]:

@@ -75,6 +75,17 @@ def save_adapter(
 
 def read_adapter_checkpoint(path: str | Path) -> tuple[AdapterCheckpointMeta, dict[str, torch.Tensor]]:
     """Validated (config, weights) of a checkpoint directory; raises AdapterCheckpointError on anything else."""
+    meta = read_adapter_meta(path)
+    weights_path = Path(path) / WEIGHTS_FILE
+    try:
+        weights = load_file(str(weights_path))
+    except (SafetensorError, OSError) as err:
+        raise AdapterCheckpointError(f"{weights_path}: not a readable safetensors file: {err}") from None
+    return meta, weights
+
+
+def read_adapter_meta(path: str | Path) -> AdapterCheckpointMeta:
+    """The validated config of a checkpoint directory (its weights file must be there, but is not read)."""
     path = Path(path)
     if path.is_file():
         if path.suffix.lower() in _PICKLE_SUFFIXES:
@@ -92,11 +103,7 @@ def read_adapter_checkpoint(path: str | Path) -> tuple[AdapterCheckpointMeta, di
         raise AdapterCheckpointError(f"{config_path}: not a {FORMAT} v{FORMAT_VERSION} config: {err}") from None
     if meta.format_version != FORMAT_VERSION:
         raise AdapterCheckpointError(f"{config_path}: format_version {meta.format_version}, expected {FORMAT_VERSION}")
-    try:
-        weights = load_file(str(weights_path))
-    except (SafetensorError, OSError) as err:
-        raise AdapterCheckpointError(f"{weights_path}: not a readable safetensors file: {err}") from None
-    return meta, weights
+    return meta
 
 
 def load_adapter(

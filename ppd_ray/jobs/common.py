@@ -120,8 +120,9 @@ def generate_images(cfg: PPDConfig, requests: list[dict], adapters: dict[str, st
     import pandas as pd
     import ray
 
-    from ppd.eval.generate import GenerationStage, distinct_images
+    from ppd.eval.generate import GenerationStage, check_user_embeddings, distinct_images
 
+    check_user_embeddings(requests, adapters)
     init_ray()
     actors = cfg.eval.concurrency
     if not cfg.eval.gpus_per_actor:

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from ppd.config import load_config
-from ppd.eval.generate import VariantGenerator, distinct_images, user_grid, user_grid_rows
+from ppd.errors import InputDataError
+from ppd.eval.generate import VariantGenerator, check_user_embeddings, distinct_images, user_grid, user_grid_rows
 from ppd.models.factory import save_random_adapter
 
 CAPTIONS = ["a picture of a teal ring", "a picture of a red cross"]
@@ -144,3 +145,29 @@ def test_a_rows_image_does_not_depend_on_the_rows_beside_it(generators) -> None:
     beside = generators["ppd"].generate([CAPTIONS[0], CAPTIONS[1], CAPTIONS[0]], [SEEDS[0], SEEDS[1], 9], users)
     assert np.abs(alone[0].astype(int) - beside[0].astype(int)).max() <= 1  # one grey level: CPU kernels' rounding
     assert np.abs(beside[0].astype(int) - beside[2].astype(int)).max() > 1  # another seed and user: another image
+
+
+def test_embeddings_of_another_shape_than_the_adapter_reads_are_refused_before_drawing(cfg, tmp_path) -> None:
+    adapters = {
+        "ppd_population": save_random_adapter(cfg.model, tmp_path / "ppd", EMBEDDING_SHAPE, method="ppd"),
+        "sft": save_random_adapter(cfg.model, tmp_path / "sft", EMBEDDING_SHAPE, method="sft"),
+        "dpo": save_random_adapter(cfg.model, tmp_path / "dpo", EMBEDDING_SHAPE, method="dpo"),
+    }
+
+    def request(variant: str, shape: tuple[int, int] | None) -> dict:
+        return {
+            "variant": variant,
+            "caption": CAPTIONS[0],
+            "seed": 0,
+            "embedding_shape": None if shape is None else list(shape),
+        }
+
+    fitting = [request("base", None), request("dpo", None), request("ppd_population", EMBEDDING_SHAPE)]
+    check_user_embeddings([*fitting, request("sft", EMBEDDING_SHAPE)], adapters)  # nothing to refuse
+
+    with pytest.raises(InputDataError) as refused:
+        check_user_embeddings([*fitting, request("ppd_population", (4, 64))], adapters)
+    message = str(refused.value)
+    assert "'ppd_population'" in message and "[4, 16]" in message and "[4, 64]" in message
+    with pytest.raises(InputDataError, match=r"'sft'.*carry none"):
+        check_user_embeddings([*fitting, request("sft", None)], adapters)
