@@ -7,7 +7,8 @@ with other training seeds; numbers for docs/results_investigation.md).
 For each adapter and each one-reward user (its one-hot embedding, as the evaluation builds it), the share of requests
 where the user's image has more of each attribute than the base's image of the same caption and seed (`win_outcomes`
 on raw attribute values, exact ties only: the evaluation's tie tolerance is on its z-scores, another scale). With the
-demo's own PPD adapter this gives the win rates of its RESULTS.md.
+demo's own PPD adapter this gives the win rates of its RESULTS.md. Beside them, the share of each user's images with an
+object (`find_objects`, the quality gate's measure) against the base's.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 from ppd.config import ATTRIBUTES, load_config
 from ppd.data.toyworld import measure_attributes
+from ppd.eval.base_quality import find_objects
 from ppd.eval.generate import VariantGenerator
 from ppd.eval.stats import win_outcomes
 from ppd.eval.toy_experiments import OneRewardUsers
@@ -41,20 +43,25 @@ def main() -> None:
     # reward -> its one-reward user, as the toy world wrote it
     user_of = json.loads((args.workdir / "toy" / "manifest.json").read_text())["one_reward_users"]
     users = OneRewardUsers([int(user_of[attribute]) for attribute in ATTRIBUTES])
-    base = measure_attributes(VariantGenerator(cfg, None, device="cpu").generate(captions, seeds))
+    base_images = VariantGenerator(cfg, None, device="cpu").generate(captions, seeds)
+    base = measure_attributes(base_images)
+    print(f"base: images with an object {find_objects(base_images).present.mean():.2f}")
     table = {}
     for adapter in args.adapters:
         generator = VariantGenerator(cfg, adapter, device="cpu")
-        rows = {}
+        rows, objects = {}, {}
         for attribute, user in zip(ATTRIBUTES, users.user_ids, strict=True):
             embedding = np.repeat(users.one_hot({user: 1.0})[None], len(captions), axis=0)  # [B, 1, K]
-            drawn = measure_attributes(generator.generate(captions, seeds, embedding))
+            images = generator.generate(captions, seeds, embedding)
+            drawn = measure_attributes(images)
             rows[attribute] = {
                 a: round(float(win_outcomes(drawn[a], base[a], tie_tolerance=0.0).mean()), 2) for a in ATTRIBUTES
             }
-        table[str(adapter)] = rows
+            objects[attribute] = round(float(find_objects(images).present.mean()), 2)
+        table[str(adapter)] = {"win_rates": rows, "object_rates": objects}
         own = ", ".join(f"{a} {rows[a][a]:.2f}" for a in ATTRIBUTES)
         print(f"{adapter}: each user's win rate on its own attribute: {own}")
+        print(f"{adapter}: each user's images with an object: {objects}")
     print(json.dumps(table, indent=1))
 
 

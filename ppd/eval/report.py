@@ -358,8 +358,8 @@ def render_results_markdown(
             "## Does the toy base draw the toy world? (quality gate)",
             "",
             "The base's own samples in each evaluation, measured from pixels against the toy world's renders of the same "
-            "captions: an object is drawn (a two-colour fit explains the image: contrast, small residual, a coherent "
-            "region of at least half the smallest toy object), its colour and shape are the caption's, and each reward "
+            "captions: an object is drawn (a two-colour fit explains the image: contrast, a residual small beside it, a "
+            "coherent region of at least half the smallest toy object), its colour and shape are the caption's, and each reward "
             "attribute's distribution is close to the renders' (two-sample KS statistic). The measures are validated on "
             "renders, on background-only renders and on images a person judged (`tests/unit/test_base_quality.py`).",
             "",

@@ -104,3 +104,11 @@ def test_shapes_drawn_by_hand_are_named_as_a_person_would():
     assert fit.present.all()
     assert object_colours(fit) == ["red", "blue", "green", "yellow"]
     assert object_shapes(fit) == ["circle", "square", "ring", "cross"]
+
+
+def test_what_a_person_sees_in_a_trained_adapters_large_objects():
+    # 12 samples of seed 1's demo PPD for its size user (a triangle, diamonds, squares covering 25-52% of the image on
+    # a faintly textured background): an object in every one (looked at). An absolute residual bound of 0.02 refused
+    # all 12 (their residuals 0.020-0.028 against contrasts 0.35-0.89).
+    fit = find_objects(_strip("large_objects_ppd_size_user_32px.png", 32))
+    assert fit.present.all()
