@@ -156,10 +156,14 @@ def check_user_embeddings(requests: Sequence[dict], adapters: Mapping[str, str |
         if not wrong:
             continue
         found = ", ".join("none" if s is None else str(list(s)) for s in sorted(wrong, key=str))
+        hint = (
+            "give each of its requests a user embedding"
+            if None in wrong
+            else ("embeddings of another embedder than the one it was trained with?")
+        )
         raise InputDataError(
-            f"variant {variant!r}: its {method} adapter ({adapters[variant]}) reads user embeddings "
-            f"{list(expected)} [L, d], the requests carry {found}: embeddings of another embedder than the one it "
-            "was trained with?"
+            f"variant {variant!r}: its {method} adapter ({adapters[variant]}) reads user embeddings [L, d] = "
+            f"{list(expected)}, the requests carry {found}: {hint}"
         )
 
 
