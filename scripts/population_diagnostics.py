@@ -31,7 +31,6 @@ tokens a `ppd_ray.jobs.precompute --embeddings DIR` first):
 from __future__ import annotations
 
 import argparse
-import io
 import shutil
 from pathlib import Path
 
@@ -39,25 +38,21 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
 from ppd.config import ATTRIBUTES
 from ppd.data.toyworld import HiddenRewards, load_hidden_rewards, measure_attributes
+from ppd.eval.evaluate import decode_png
 
 FOLDS = 5
 RIDGE = (1e-3, 1e-2, 1e-1, 1.0)
-
-
-def _decode(png: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))  # [H, W, 3] uint8
 
 
 def signed_attribute_differences(groups: pd.DataFrame, hidden: HiddenRewards) -> np.ndarray:
     """[G, N, A]: standardised attributes of each pair's chosen image minus its rejected image."""
     out = []
     for group in groups.itertuples():
-        first = hidden.scale.standardise(measure_attributes(np.stack([_decode(b) for b in group.jpg_0])))  # [N, A]
-        second = hidden.scale.standardise(measure_attributes(np.stack([_decode(b) for b in group.jpg_1])))
+        first = hidden.scale.standardise(measure_attributes(np.stack([decode_png(b) for b in group.jpg_0])))  # [N, A]
+        second = hidden.scale.standardise(measure_attributes(np.stack([decode_png(b) for b in group.jpg_1])))
         chose_first = (np.asarray(group.preferred) == 0)[:, None]  # preferred: index of the chosen image
         out.append(np.where(chose_first, first - second, second - first))
     return np.stack(out)

@@ -159,7 +159,7 @@ def check_user_embeddings(requests: Sequence[dict], adapters: Mapping[str, str |
         hint = (
             "give each of its requests a user embedding"
             if None in wrong
-            else ("embeddings of another embedder than the one it was trained with?")
+            else "embeddings of another embedder than the one it was trained with?"
         )
         raise InputDataError(
             f"variant {variant!r}: its {method} adapter ({adapters[variant]}) reads user embeddings [L, d] = "
