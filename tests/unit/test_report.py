@@ -80,6 +80,16 @@ def test_results_name_each_runs_beta_and_the_sweep_that_chose_it():
         beta_sweep={**SWEEP, "object_rates": rates, "base_object_rate": 0.96, "choice_rule": "RULE-TEXT"},
     )
     assert "Chosen per method (bold): RULE-TEXT;" in ruled and "is not chosen, however high its reward" in ruled
+    # no PPD β reaches the base's 96% (95% at best): the rule took its highest object rate, and the text says which;
+    # Diffusion-DPO's 97% at β = 8 reaches it
+    fallback = {**SWEEP, "object_rates": rates, "base_object_rate": 0.96, "choice_rule": "RULE-TEXT"}
+    fallback["chosen"] = {"ppd": 8.0, "dpo": 8.0}
+    took_highest = render_results_markdown(runs, "ppd demo", beta_sweep=fallback)
+    assert "No β of PPD reached 96%, so the one drawing objects most often was taken (β = 8)." in took_highest
+    assert "No β of Diffusion-DPO" not in took_highest
+    # a 2-point margin lets PPD's 95% in: no fallback to report
+    margin = render_results_markdown(runs, "ppd demo", beta_sweep={**fallback, "object_rate_margin": 0.02})
+    assert "No β of" not in margin
     rechosen = render_results_markdown(
         runs, "ppd demo", beta_sweep={**SWEEP, "choice_rule": "RULE-TEXT", "rechosen": True}
     )
