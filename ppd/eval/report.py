@@ -162,7 +162,7 @@ def _beta_sweep_lines(record: dict | None) -> list[str]:
             f"{_pct(record['base_object_rate'])}). "
             + (
                 "A β whose rate falls below the base's is not chosen, however high its reward: there the pixel "
-                "rewards are won by painting the image instead of drawing the toy world."
+                "rewards may be won by painting the image instead of drawing the toy world."
                 if "choice_rule" in record
                 else "Not part of the choice: a row where it falls while the reward rises is the pixel rewards being "
                 "won without drawing the toy world."

@@ -105,7 +105,8 @@ def sweep_beta(
 ) -> None:
     """Choose β per method on the validation split (paper B.1): one training per (method, β) under one MLflow parent
     run, each scored on validation captions; per method the best validation reward among the β whose images still
-    draw the toy world (object rate ≥ the base's) wins. Writes the choice that `ppd demo` then uses."""
+    draw the toy world (object rate ≥ the base's) wins; where none does, the β drawing objects most often. Writes the
+    choice that `ppd demo` then uses."""
     from ppd_ray.pipelines.demo import BETA_CHOICE, RESULTS_DIR
     from ppd_ray.pipelines.sweep import format_sweep, rechoose, run_beta_sweep
 
