@@ -59,8 +59,19 @@ def setup_logging(level: int = logging.INFO) -> None:
 _RAY_PROCESS_PREFIX = re.compile(r"^(?:\x1b\[[\d;]*m)?\(.*? pid=\d+(?:, ip=[^)]*)?\)(?:\x1b\[[\d;]*m)?\s*")
 
 
+# Lines that mention "error" without being one: Ray's system processes logging their own shutdown (the GCS's
+# "KillActor RPC failed ... RpcError" as a job's workers exit) and Ray Train echoing each report, whose metrics
+# include our `model_error_*` / `ref_error_*`.
+_RAY_SYSTEM_PROCESS = re.compile(r"\(pid=(?:gcs_server|raylet|log_monitor|dashboard\w*)\)")
+_RAY_TRAIN_REPORT_ECHO = "Reporting training result"
+
+
 def progress_line(line: str) -> str | None:
     """The part of a job's log line worth showing in the terminal — our own progress lines (also those of the job's
     Ray workers, without Ray's process prefix) and errors — or None."""
     text = _RAY_PROCESS_PREFIX.sub("", line, count=1)
-    return text if text.startswith(LINE_PREFIX) or "error" in text.lower() else None
+    if text.startswith(LINE_PREFIX):
+        return text
+    if "error" not in text.lower() or _RAY_SYSTEM_PROCESS.search(line) or text.startswith(_RAY_TRAIN_REPORT_ECHO):
+        return None
+    return text

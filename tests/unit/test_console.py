@@ -19,3 +19,20 @@ def test_errors_show_and_ray_chatter_does_not():
     assert progress_line("2026-11-29 17:17:13,977\tINFO packaging.py:385 -- Ignoring upload to cluster") is None
     assert progress_line("\x1b[36m(RayTrainWorker pid=1)\x1b[0m Setting up process group for: env://") is None
     assert progress_line("(pid=7) Running 0: 0.00 row [00:00, ? row/s]") is None
+
+
+def test_lines_that_only_mention_error_stay_hidden():
+    # Both printed by `ppd demo` on 2026-12-08 (trimmed): the GCS logging its own shutdown of a job's actors, and
+    # Ray Train echoing a report whose metrics carry our denoising errors.
+    gcs = (
+        "\x1b[36m(pid=gcs_server)\x1b[0m [2026-12-07 23:56:36,265 E 30064 30064] (gcs_server) gcs_actor_scheduler.cc:538:"
+        " Failed to kill actor NIL_ID, return status: Invalid: KillActor RPC failed for actor NIL_ID: RpcError: RPC error"
+    )
+    assert progress_line(gcs) is None
+    echo = (
+        "\x1b[36m(RayTrainWorker pid=5)\x1b[0m Reporting training result 1: TrainingReport(checkpoint=Checkpoint("
+        "filesystem=local, path=/w/runs/ppd/ray/train/step-00000200), metrics={'model_error_lose': 0.0097})"
+    )
+    assert progress_line(echo) is None
+    # a worker's real error still shows
+    assert progress_line("\x1b[36m(RayTrainWorker pid=5)\x1b[0m ValueError: bad shard") == "ValueError: bad shard"
