@@ -79,6 +79,12 @@ class ObjectFit:
     coherence: np.ndarray  # [B] share of the covered pixels (α >= 0.5) in the largest connected component
 
 
+def draws_as_often_as_base(object_rate: float, base_object_rate: float, margin: float = 0.0) -> bool:
+    """The β sweep's eligibility rule (`ppd sweep beta` chooses by it, RESULTS.md reports by it): a model's share of
+    images with an object is at least the base's, less `margin` (a share: 0.05 = 5 points)."""
+    return object_rate >= base_object_rate - margin - 1e-12  # 1e-12: shares that are equal up to float rounding
+
+
 def find_objects(images: np.ndarray) -> ObjectFit:
     """Fit background, object colour and coverage to uint8 images [B, H, W, 3]; decide which show an object."""
     rgb = images.astype(np.float64) / 255.0  # [B, H, W, 3]

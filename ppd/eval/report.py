@@ -176,12 +176,14 @@ def _beta_sweep_lines(record: dict | None) -> list[str]:
 def _fallback_sentence(record: dict, method: str, names: dict[str, str]) -> str:
     """The sweep's rule takes the β drawing objects most often where none reaches the base's rate (less the margin);
     RESULTS.md must say so, or its bold cell reads as the best eligible reward."""
-    bound = record["base_object_rate"] - (record.get("object_rate_margin") or 0.0)
-    if any(rate >= bound - 1e-12 for rate in record["object_rates"][method].values()):
+    from ppd.eval.base_quality import draws_as_often_as_base  # scipy and the toy world: only where a sweep is shown
+
+    base, margin = record["base_object_rate"], record.get("object_rate_margin") or 0.0
+    if any(draws_as_often_as_base(rate, base, margin) for rate in record["object_rates"][method].values()):
         return ""
     return (
-        f" No β of {names.get(method, method)} reached {_pct(bound)}, so the one drawing objects most often was taken "
-        f"(β = {float(record['chosen'][method]):g})."
+        f" No β of {names.get(method, method)} reached {_pct(base - margin)}, so the one drawing objects most often "
+        f"was taken (β = {float(record['chosen'][method]):g})."
     )
 
 

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ppd.config import PPDConfig
+from ppd.eval.base_quality import draws_as_often_as_base
 from ppd_ray.pipelines.demo import (
     BASE_MODEL_DIR,
     BETA_CHOICE,
@@ -61,7 +62,7 @@ def choose(
     def eligible(method: str, beta: float) -> bool:
         if object_rates is None or base_object_rate is None:
             return True
-        return object_rates[method][beta] >= base_object_rate - object_rate_margin - 1e-12
+        return draws_as_often_as_base(object_rates[method][beta], base_object_rate, object_rate_margin)
 
     def rank(method: str, beta: float) -> tuple:
         if eligible(method, beta):
